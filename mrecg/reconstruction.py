@@ -1,0 +1,323 @@
+"""Unit-by-unit reconstruction (AdaRound rounding + activation steps, BRECQ / QDrop), over any grouping.
+
+For each group of adjacent base units, in network order:
+
+1. float pass: the group's float outputs from the float stream (the reconstruction targets);
+2. optimise the group's AdaRound variables and activation steps on random mini-batches of the cached
+   inputs. QDrop (``prob`` < 1) feeds each input element from the quantized stream with probability
+   ``prob`` and from the float stream otherwise, and every activation quantizer inside the group drops its
+   quantization element-wise with the same probability; ``prob`` = 1 is BRECQ;
+3. harden the rounding;
+4. quantized pass: the group's quantized outputs, which later groups read as inputs, and the loss of
+   every base unit in the group against the float stream.
+
+Both streams are cached tensors over the whole calibration set, propagated one group at a time: no pass
+ever re-runs the network from the input. A cached tensor is freed as soon as no later group reads it.
+Each group seeds its own generators from (seed, group index), so a run resumed at a group boundary
+reproduces an uninterrupted run exactly.
+"""
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tqdm import tqdm
+
+from mrecg.quantization import harden_adaround, init_adaround, is_act_quantizer, is_adaround_layer
+from mrecg.units import Group, UnitPartition, liveness
+
+log = logging.getLogger('mrecg')
+DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """Hyper-parameters of one reconstruction run (the authors' values are the defaults of the configs)."""
+    iterations: int
+    batch_size: int
+    lr: float = 1e-3
+    scale_lr: float = 4e-5
+    weight: float = 0.01
+    b_range: Sequence[float] = (20.0, 2.0)
+    warm_up: float = 0.2
+    prob: float = 0.5
+    cache_device: str = 'auto'
+    cache_dtype: str = 'float32'
+    chunk_size: int = 256
+    log_every: int = 50
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.batch_size <= 0 or self.chunk_size <= 0:
+            raise ValueError('iterations must be >= 0 and batch_size, chunk_size > 0')
+        if not 0 < self.prob <= 1:
+            raise ValueError(f'prob must be in (0, 1], got {self.prob}')
+        if self.cache_dtype not in DTYPES:
+            raise ValueError(f'cache_dtype must be one of {list(DTYPES)}')
+        if self.cache_device not in ('auto', 'cpu', 'device'):
+            raise ValueError("cache_device must be 'auto', 'cpu' or 'device'")
+
+
+@dataclass
+class GroupResult:
+    index: int
+    name: str
+    base_units: List[str]
+    modules: List[str]
+    loss: float
+    train_loss: Optional[float]
+    iters: int
+    seconds: float
+    warnings: List[str] = field(default_factory=list)
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over batch and positions (BRECQ/QDrop/MQBench)."""
+    return (pred - target).square().sum(1).mean()
+
+
+def round_beta(step: int, iterations: int, warm_up: float, b_range: Sequence[float]) -> float:
+    """The AdaRound regulariser's exponent: b_range[0] during warm-up, then linear down to b_range[1]."""
+    start = warm_up * iterations
+    if step < start:
+        return float(b_range[0])
+    rel = (step - start) / max(iterations - start, 1)
+    return float(b_range[1] + (b_range[0] - b_range[1]) * max(0.0, 1.0 - rel))
+
+
+def group_seed(seed: int, index: int, stream: int) -> int:
+    return (seed * 1_000_003 + index * 7919 + stream) % (2 ** 63)
+
+
+class Reconstructor:
+    """Runs groups of base units in order over cached float and quantized streams.
+
+    ``qmodel`` is the prepared (fake-quantized, calibrated) model that gets reconstructed; ``fp_model`` is
+    a prepared copy with every quantizer off, so its sub-graphs give the float stream.
+    """
+
+    def __init__(self, qmodel: fx.GraphModule, fp_model: fx.GraphModule, partition: UnitPartition,
+                 groups: List[Group], settings: ReconSettings, device: torch.device, seed: int,
+                 progress: bool = True, loss_fn: Callable = lp_loss):
+        self.qmodel, self.fp_model, self.partition, self.groups = qmodel, fp_model, partition, groups
+        self.settings, self.device, self.seed, self.progress = settings, device, seed, progress
+        self.loss_fn = loss_fn
+        self.cache_device = torch.device('cpu') if settings.cache_device == 'cpu' else device
+        self.cache_dtype = DTYPES[settings.cache_dtype]
+        self.last_use = liveness(partition, groups)
+        self.fp_cache: Dict[str, torch.Tensor] = {}
+        self.q_cache: Dict[str, torch.Tensor] = {}
+        self.unit_losses: List[Optional[float]] = [None] * len(partition.units)
+        self.peak_cache_bytes = 0
+
+    # ---- caches --------------------------------------------------------------------------------------
+    def _fetch(self, tensor: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if index is not None:
+            tensor = tensor.index_select(0, index)
+        return tensor.to(self.device, torch.float32, non_blocking=True)
+
+    def _write(self, cache: Dict[str, torch.Tensor], name: str, start: int, chunk: torch.Tensor, total: int) -> None:
+        if start == 0:
+            cache[name] = torch.empty((total, *chunk.shape[1:]), dtype=self.cache_dtype, device=self.cache_device)
+        cache[name][start:start + len(chunk)].copy_(chunk)
+
+    def cache_bytes(self) -> int:
+        sizes = {}
+        for cache in (self.fp_cache, self.q_cache):
+            for t in cache.values():
+                sizes[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(sizes.values())
+
+    def _free(self, group_index: int) -> None:
+        for cache in (self.fp_cache, self.q_cache):
+            for name in [n for n in cache if self.last_use.get(n, -1) <= group_index]:
+                del cache[name]
+
+    # ---- passes --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pass(self, graph: fx.GraphModule, inputs: List[str], cache: Dict[str, torch.Tensor],
+              sink: Callable[[int, Sequence[torch.Tensor]], None]) -> None:
+        """Run ``graph`` over the whole calibration set in chunks, handing each chunk's outputs to ``sink``."""
+        total = len(cache[inputs[0]])
+        for start in range(0, total, self.settings.chunk_size):
+            stop = start + self.settings.chunk_size
+            sink(start, graph(*[self._fetch(cache[name][start:stop]) for name in inputs]))
+
+    def _float_pass(self, group: Group, inputs: List[str], outputs: List[fx.Node], probe: List[fx.Node]):
+        """Float outputs of the group into the float cache; outputs of inner base units (consumed inside an
+        MRECG group, needed only for their loss) are kept as chunk lists until the quantized pass."""
+        graph = self.partition.build_graph(self.fp_model, group.first, group.last, probe)
+        total = len(self.fp_cache[inputs[0]])
+        inner: Dict[fx.Node, List[torch.Tensor]] = {n: [] for n in probe if n not in outputs}
+
+        def sink(start, outs):
+            for node, out in zip(probe, outs):
+                if node in inner:
+                    inner[node].append(out.to(self.cache_device, self.cache_dtype))
+                else:
+                    self._write(self.fp_cache, node.name, start, out, total)
+        self._pass(graph, inputs, self.fp_cache, sink)
+        return inner
+
+    def _quant_pass(self, group: Group, inputs: List[str], outputs: List[fx.Node], probe: List[fx.Node],
+                    inner: Dict[fx.Node, List[torch.Tensor]]) -> None:
+        """Quantized outputs of the group into the quantized cache, and the loss of each base unit in it."""
+        graph = self.partition.build_graph(self.qmodel, group.first, group.last, probe)
+        total = len(self.q_cache[inputs[0]])
+        sums = {n: 0.0 for n in probe}
+
+        def sink(start, outs):
+            chunk = start // self.settings.chunk_size
+            for node, out in zip(probe, outs):
+                ref = inner[node][chunk] if node in inner else self.fp_cache[node.name][start:start + len(out)]
+                sums[node] += self.loss_fn(out, ref.to(out.device, torch.float32)).item() * len(out)
+                if node not in inner:
+                    self._write(self.q_cache, node.name, start, out, total)
+        self._pass(graph, inputs, self.q_cache, sink)
+        for u in range(group.first, group.last + 1):
+            self.unit_losses[u] = sum(sums[n] / total for n in self.partition.outputs_of(u, u))
+
+    def _probe_nodes(self, group: Group) -> List[fx.Node]:
+        """Every base unit's outputs (for the per-unit loss); includes the group's own outputs."""
+        probe: List[fx.Node] = []
+        for u in range(group.first, group.last + 1):
+            probe += [n for n in self.partition.outputs_of(u, u) if n not in probe]
+        return probe
+
+    # ---- optimisation --------------------------------------------------------------------------------
+    def _learnables(self, group: Group):
+        modules = dict(self.qmodel.named_modules())
+        layers, act_quants = [], []
+        for node in self.partition.nodes_of(group.first, group.last):
+            if node.op == 'call_module':
+                m = modules[node.target]
+                if is_adaround_layer(m):
+                    layers.append(m)
+                elif is_act_quantizer(m):
+                    act_quants.append(m)
+        return layers, act_quants
+
+    def _optimise(self, gi: int, group: Group, train_graph: fx.GraphModule, inputs: List[str],
+                  targets: List[str], result: GroupResult) -> None:
+        s = self.settings
+        layers, act_quants = self._learnables(group)
+        if not layers or s.iterations == 0:
+            return
+        for layer in layers:
+            init_adaround(layer)
+        alphas = [layer.weight_fake_quant.alpha for layer in layers]
+        round_masks = [layer.weight_fake_quant for layer in layers]
+        w_opt = torch.optim.Adam(alphas, lr=s.lr)
+        scales = [q.scale for q in act_quants] if s.scale_lr > 0 else []
+        a_opt = torch.optim.Adam(scales, lr=s.scale_lr) if scales else None
+        a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=s.iterations, eta_min=0.0) if a_opt else None
+        for q in act_quants:
+            q.prob = s.prob
+        torch.manual_seed(group_seed(self.seed, gi, 0))
+        gen = torch.Generator().manual_seed(group_seed(self.seed, gi, 1))
+        params = alphas + scales
+        good = [p.detach().clone() for p in params]
+        n = len(self.q_cache[inputs[0]])
+        bs = min(s.batch_size, n)
+        mixed = [s.prob < 1.0 and self.q_cache[name] is not self.fp_cache[name] for name in inputs]
+        window = torch.zeros((), device=self.device)
+        window_count = 0
+        warm = s.warm_up * s.iterations
+        bar = tqdm(range(s.iterations), desc=f'[{gi + 1}/{len(self.groups)}] {result.name}', leave=False,
+                   disable=not self.progress, mininterval=0.5)
+        for step in bar:
+            idx = torch.randperm(n, generator=gen)[:bs].to(self.cache_device)
+            xs = []
+            for name, mix in zip(inputs, mixed):
+                x = self._fetch(self.q_cache[name], idx)
+                if mix:
+                    x = torch.where(torch.rand_like(x) < s.prob, x, self._fetch(self.fp_cache[name], idx))
+                xs.append(x)
+            rec = self._rec_loss(train_graph(*xs), targets, idx)
+            loss = rec
+            if step + 1 >= warm:  # MQBench counts steps from 1
+                beta = round_beta(step + 1, s.iterations, s.warm_up, s.b_range)
+                loss = rec + s.weight * sum((1 - (fq.rectified_sigmoid() - 0.5).abs().mul(2).pow(beta)).sum()
+                                            for fq in round_masks)
+            w_opt.zero_grad(set_to_none=True)
+            if a_opt:
+                a_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            w_opt.step()
+            if a_opt:
+                a_opt.step()
+                a_sched.step()
+            window += rec.detach()
+            window_count += 1
+            if window_count == s.log_every or step + 1 == s.iterations:
+                value = (window / window_count).item()
+                window.zero_()
+                window_count = 0
+                if not math.isfinite(value) or not all(torch.isfinite(p).all() for p in params):
+                    self._restore(params, good)
+                    msg = (f'non-finite loss in {result.name} at iteration {step + 1}: '
+                           f'fell back to the state of iteration {result.iters}')
+                    log.warning(msg)
+                    result.warnings.append(msg)
+                    break
+                good = [p.detach().clone() for p in params]
+                result.iters = step + 1
+                result.train_loss = value
+                bar.set_postfix(loss=f'{value:.4g}', refresh=False)
+        bar.close()
+        for layer in layers:
+            harden_adaround(layer)
+        for q in act_quants:
+            q.prob = 1.0
+
+    def _rec_loss(self, outs: Sequence[torch.Tensor], targets: List[str], idx: torch.Tensor) -> torch.Tensor:
+        """Reconstruction loss of the group's outputs against the cached float targets."""
+        return sum(self.loss_fn(o, self._fetch(self.fp_cache[t], idx)) for o, t in zip(outs, targets))
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(params: List[torch.Tensor], good: List[torch.Tensor]) -> None:
+        for p, g in zip(params, good):
+            p.copy_(g)
+
+    # ---- driver --------------------------------------------------------------------------------------
+    def run(self, images: torch.Tensor, done: Sequence[GroupResult] = (),
+            on_group_done: Optional[Callable[[List[GroupResult]], None]] = None) -> List[GroupResult]:
+        """Reconstruct every group. The first ``len(done)`` groups are already finished (resume): their
+        streams are replayed, not re-optimised. ``on_group_done`` gets the results so far after each group."""
+        placeholder = next(n for n in self.partition.graph_module.graph.nodes if n.op == 'placeholder')
+        images = images.to(self.cache_device, self.cache_dtype)
+        self.fp_cache = {placeholder.name: images}
+        self.q_cache = {placeholder.name: images}
+        results = list(done)
+        units = self.partition.units
+        for gi, group in enumerate(self.groups):
+            t0 = time.perf_counter()
+            resumed = gi < len(done)
+            inputs = [n.name for n in self.partition.inputs_of(group.first, group.last)]
+            outputs = self.partition.outputs_of(group.first, group.last)
+            probe = self._probe_nodes(group)
+            inner = self._float_pass(group, inputs, outputs, probe)
+            if not resumed:
+                result = GroupResult(gi, group.name(units), [u.name for u in units[group.first:group.last + 1]],
+                                     group.modules(units), float('nan'), None, 0, 0.0)
+                train_graph = self.partition.build_graph(self.qmodel, group.first, group.last, outputs)
+                self._optimise(gi, group, train_graph, inputs, [n.name for n in outputs], result)
+            self._quant_pass(group, inputs, outputs, probe, inner)
+            self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+            del inner
+            self._free(gi)
+            if not resumed:
+                result.loss = self.unit_losses[group.last]
+                result.seconds = time.perf_counter() - t0
+                results.append(result)
+                log.info('unit %d/%d %s: loss %.5g, %d iterations, %.1f s%s', gi + 1, len(self.groups), result.name,
+                         result.loss, result.iters, result.seconds,
+                         ''.join(f' [warning: {w}]' for w in result.warnings))
+                if on_group_done is not None:
+                    on_group_done(results)
+        return results

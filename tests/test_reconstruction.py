@@ -1,0 +1,121 @@
+"""The reconstruction engine on the digits MobileNetV2 (CPU, seconds)."""
+import copy
+import math
+
+import pytest
+import torch
+
+from mrecg.reconstruction import ReconSettings, Reconstructor, round_beta
+from mrecg.units import UnitPartition, groups_from_spans, model_base_units
+
+
+def make(calibrated, spans=(), iterations=40, prob=0.5, seed=0, **kw):
+    """A Reconstructor over a private copy of the session's calibrated model."""
+    _, folded, qmodel, fp, images = calibrated
+    q = copy.deepcopy(qmodel)
+    part = UnitPartition.build(q, model_base_units(folded))
+    settings = ReconSettings(iterations=iterations, batch_size=16, prob=prob, weight=0.1, chunk_size=32,
+                             log_every=10, **kw)
+    return Reconstructor(q, fp, part, groups_from_spans(list(spans), len(part.units)), settings,
+                         torch.device('cpu'), seed, progress=False), q, images
+
+
+def test_reconstruction_lowers_the_unit_loss(calibrated):
+    nearest, _, images = make(calibrated, iterations=0)
+    nearest.run(images)
+    for prob in (1.0, 0.5):  # BRECQ and QDrop; lr 1e-2 so that 80 iterations suffice
+        recon, _, _ = make(calibrated, iterations=80, prob=prob, lr=1e-2)
+        results = recon.run(images)
+        # the first unit sees the same input either way: its loss falls only through reconstruction
+        assert recon.unit_losses[0] < 0.8 * nearest.unit_losses[0]
+        assert results[0].iters == 80 and results[0].train_loss is not None
+
+
+def test_same_seed_same_numbers_and_other_seed_differs(calibrated):
+    def once(seed):
+        recon, q, images = make(calibrated, iterations=25, seed=seed)
+        recon.run(images)
+        return recon.unit_losses, {k: v.clone() for k, v in q.state_dict().items()}
+    losses_a, state_a = once(3)
+    losses_b, state_b = once(3)
+    losses_c, _ = once(4)
+    assert losses_a == losses_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert losses_a != losses_c
+
+
+def test_merged_group_is_optimised_as_one_unit(calibrated, monkeypatch):
+    """Units 1 and 2 merged: one optimisation loop, whose loss is taken only at the group's output, moves
+    the rounding of both units' layers at once."""
+    recon, q, images = make(calibrated, spans=[(1, 2)], iterations=30)
+    part = recon.partition
+    seen = []
+    original = Reconstructor._rec_loss
+
+    def spy(self, outs, targets, idx):
+        seen.append(tuple(targets))
+        return original(self, outs, targets, idx)
+    monkeypatch.setattr(Reconstructor, '_rec_loss', spy)
+    inits = {}
+    results = recon.run(images, on_group_done=lambda res: inits.setdefault(len(res), None))
+    names = [u.name for u in part.units]
+    assert [r.name for r in results][:3] == [names[0], f'{names[1]}+{names[2]}', names[3]]
+    merged = results[1]
+    assert merged.base_units == names[1:3] and merged.iters == 30
+    group_out = [n.name for n in part.outputs_of(2, 2)]
+    inner_out = [n.name for n in part.outputs_of(1, 1)]
+    targets_of_group = set(seen[30:60])  # the group's 30 iterations
+    assert targets_of_group == {tuple(group_out)}
+    assert not any(t in inner_out for targets in seen for t in targets)
+    # both units' layers got learned (hardened) rounding from that single loop
+    mods = dict(q.named_modules())
+    for unit in (1, 2):
+        layers = [mods[n.target] for n in part.nodes_of(unit, unit)
+                  if n.op == 'call_module' and hasattr(mods[n.target], 'weight_fake_quant')]
+        assert layers and all(hasattr(m.weight_fake_quant, 'alpha') for m in layers)
+    # the inner unit still gets its own loss on the curve
+    assert recon.unit_losses[1] is not None and math.isfinite(recon.unit_losses[1])
+
+
+def test_nan_loss_falls_back_to_last_good_state(calibrated, monkeypatch):
+    recon, q, images = make(calibrated, iterations=40)
+    calls = {'n': 0}
+    original = Reconstructor._rec_loss
+
+    def poisoned(self, outs, targets, idx):
+        calls['n'] += 1
+        loss = original(self, outs, targets, idx)
+        return loss * float('nan') if 40 + 25 <= calls['n'] else loss  # unit 2, from its 25th iteration
+    monkeypatch.setattr(Reconstructor, '_rec_loss', poisoned)
+    results = recon.run(images)
+    bad = results[1]
+    assert bad.iters == 20 and len(bad.warnings) == 1 and 'non-finite loss' in bad.warnings[0]
+    assert all(torch.isfinite(p).all() for p in q.parameters())
+    assert all(math.isfinite(v) for v in recon.unit_losses)
+    assert results[2].warnings  # later units are poisoned too, and each falls back
+    assert all(math.isfinite(r.loss) for r in results)
+
+
+def test_caches_are_freed_unit_by_unit(calibrated):
+    recon, _, images = make(calibrated, iterations=2)
+    sizes = []
+    recon.run(images, on_group_done=lambda res: sizes.append((len(recon.fp_cache), len(recon.q_cache))))
+    assert all(fp <= 1 and q <= 1 for fp, q in sizes)  # only the tensor the next unit reads
+    assert recon.fp_cache == {} and recon.q_cache == {}
+
+
+def test_half_precision_cache_stays_close(calibrated):
+    full, _, images = make(calibrated, iterations=20)
+    full.run(images)
+    half, _, _ = make(calibrated, iterations=20, cache_dtype='float16')
+    half.run(images)
+    for a, b in zip(full.unit_losses, half.unit_losses):
+        assert abs(a - b) <= 0.15 * a + 1e-6
+    assert half.peak_cache_bytes < 0.6 * full.peak_cache_bytes
+
+
+def test_round_beta_schedule():
+    assert round_beta(0, 100, 0.2, (20, 2)) == 20
+    assert round_beta(20, 100, 0.2, (20, 2)) == 20
+    assert round_beta(60, 100, 0.2, (20, 2)) == pytest.approx(11.0)
+    assert round_beta(100, 100, 0.2, (20, 2)) == 2
