@@ -7,7 +7,7 @@ re-runs the model over the calibration set for every unit's inputs and outputs.
 """
 import contextlib
 import io
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -40,9 +40,3 @@ def mqbench_reconstruct(qmodel: fx.GraphModule, images: torch.Tensor, settings: 
             return adv.ptq_reconstruction(qmodel, cali, config)
     finally:
         adv.subgraph_reconstruction = original
-
-
-def mqbench_units(qmodel: fx.GraphModule) -> List[str]:
-    """Names of the layers MQBench reconstructed (quantization left on), for the report."""
-    return [name for name, m in qmodel.named_modules()
-            if hasattr(m, 'weight_fake_quant') and m.weight_fake_quant.fake_quant_enabled[0] == 1]

@@ -123,7 +123,6 @@ SCHEMA: Dict[str, Any] = {
             'prob': Key(NUM, 0.5, drop_prob),
             'cache_device': Key((str,), 'auto', one_of('auto', 'cpu', 'device')),
             'cache_dtype': Key((str,), 'float32', one_of('float32', 'float16', 'bfloat16')),
-            'compile': Key((bool,), False, doc='torch.compile the unit step'),
         },
     },
     'mrecg': {
@@ -371,7 +370,7 @@ def build_settings(cfg: EasyDict) -> RunSettings:
             iterations=rec.iterations if rec.enabled else 0, batch_size=rec.batch_size, lr=float(rec.lr),
             scale_lr=float(rec.scale_lr), weight=float(rec.weight), b_range=tuple(float(b) for b in rec.b_range),
             warm_up=float(rec.warm_up), prob=float(rec.prob), cache_device=rec.cache_device,
-            cache_dtype=rec.cache_dtype, chunk_size=cfg.data.batch_size, compile=rec.compile)
+            cache_dtype=rec.cache_dtype, chunk_size=cfg.data.batch_size)
         section = 'mrecg'
         grouping = GroupingSettings(metric=m.metric, k=m.k, lam=None if m.lam is None else float(m.lam),
                                     max_group_size=m.max_group_size, stride_penalty=float(m.stride_penalty))

@@ -123,11 +123,6 @@ def check_calibration_size(settings: DataSettings, size: int, available: Optiona
         raise UserError(f'quantize.cali_size is {size} but the {settings.type} training split has {available} images')
 
 
-def data_shape(settings: DataSettings) -> Tuple[int, int, int]:
-    """(channels, height, width) of the model input, without touching the data."""
-    return {'digits': (1, 8, 8), 'fashion_mnist': (1, 28, 28)}.get(
-        settings.type, (3, settings.input_size, settings.input_size))
-
 
 def calibration_images(settings: DataSettings, size: int, seed: int) -> torch.Tensor:
     """``size`` training images drawn with ``seed`` (the same seed gives the same images and crops)."""

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Tuple
@@ -20,7 +19,7 @@ import torch.nn as nn
 
 import models
 from mrecg import capacity, grouping
-from mrecg.config import RunSettings, dump_config, to_plain
+from mrecg.config import RunSettings, dump_config
 from mrecg.data import calibration_images, check_calibration_size, check_data, eval_batches
 from mrecg.errors import UserError
 from mrecg.evaluation import Accuracy, evaluate
@@ -133,7 +132,7 @@ def cache_key(settings: RunSettings, kind: str) -> str:
            'cali_size': settings.cali_size, 'seed': settings.seed}
     if kind == 'loss':
         recon = asdict(settings.recon)
-        recon.update(iterations=settings.probe_iterations, compile=False, log_every=None)
+        recon.update(iterations=settings.probe_iterations, log_every=None)
         key.update(units=settings.units_override, recon=recon)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -245,7 +244,8 @@ def plan(settings: RunSettings) -> str:
     spans = [tuple(s) for s in info['spans']]
     in_group = {i: gi for gi, (a, b) in enumerate(spans) for i in range(a, b + 1)}
     scores = grouping.pair_scores(info['metric_values'] or caps)
-    lines = [f'model {settings.model_type} {settings.model_kwargs or ""}: {len(units)} base units, '
+    kwargs = f' {settings.model_kwargs}' if settings.model_kwargs else ''
+    lines = [f'model {settings.model_type}{kwargs}: {len(units)} base units, '
              f'W{settings.quant.weight.bit}A{settings.quant.act.bit}, BN folded: {settings.quant.fold_bn}, '
              f'method {settings.method}',
              f'grouping: {info["source"]}, k = {info["k"]}' + (f', lambda = {info["lam"]}' if info['lam'] else '')

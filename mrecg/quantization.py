@@ -8,7 +8,7 @@ that by default (``quantize.fold_bn``) and record the choice with every result.
 """
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, Tuple
+from typing import Dict
 
 import torch
 import torch.fx as fx
@@ -144,25 +144,9 @@ def load_quantized_state(module: nn.Module, state: Dict[str, torch.Tensor]) -> N
     module.load_state_dict(state, strict=True)
 
 
-def iter_weight_layers(module: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    for name, m in module.named_modules():
-        if isinstance(m, WEIGHT_LAYERS) and hasattr(m, 'weight_fake_quant'):
-            yield name, m
-
 
 def quantizer_bits(fake_quant: nn.Module) -> int:
     return int(round(torch.log2(torch.tensor(float(fake_quant.quant_max - fake_quant.quant_min + 1))).item()))
-
-
-def set_fake_quant(module: nn.Module, enabled: bool) -> None:
-    """Switch all fake quantizers under ``module`` on (quantized stream) or off (float stream)."""
-    for m in module.modules():
-        if isinstance(m, torch.ao.quantization.FakeQuantizeBase):
-            if enabled:
-                m.enable_fake_quant()
-            else:
-                m.disable_fake_quant()
-            m.disable_observer()
 
 
 def init_adaround(layer: nn.Module) -> None:

@@ -24,9 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 from tqdm import tqdm
 
+from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, keep_mask
 from mrecg.quantization import harden_adaround, init_adaround, is_act_quantizer, is_adaround_layer
 from mrecg.units import Group, UnitPartition, liveness
 
@@ -49,7 +49,6 @@ class ReconSettings:
     cache_dtype: str = 'float32'
     chunk_size: int = 256
     log_every: int = 50
-    compile: bool = False
 
     def __post_init__(self):
         if self.iterations < 0 or self.batch_size <= 0 or self.chunk_size <= 0:
@@ -133,6 +132,7 @@ class Reconstructor:
         return sum(sizes.values())
 
     def _free(self, group_index: int) -> None:
+        """Drop every cached tensor no group after ``group_index`` reads."""
         for cache in (self.fp_cache, self.q_cache):
             for name in [n for n in cache if self.last_use.get(n, -1) <= group_index]:
                 del cache[name]
@@ -189,36 +189,50 @@ class Reconstructor:
         return probe
 
     # ---- optimisation --------------------------------------------------------------------------------
-    def _learnables(self, group: Group):
+    def _train_graph(self, group: Group, outputs: List[fx.Node], generator: torch.Generator):
+        """The group's sub-graph for optimisation: AdaRound layers and activation quantizers replaced by
+        their fast stand-ins (sharing the MQBench modules' parameters). Call after ``init_adaround``."""
         modules = dict(self.qmodel.named_modules())
-        layers, act_quants = [], []
+        root, layers, act_quants = {}, [], []
         for node in self.partition.nodes_of(group.first, group.last):
-            if node.op == 'call_module':
-                m = modules[node.target]
-                if is_adaround_layer(m):
-                    layers.append(m)
-                elif is_act_quantizer(m):
-                    act_quants.append(m)
-        return layers, act_quants
+            if node.op == 'get_attr':
+                root[node.target] = self.qmodel.get_parameter(node.target) if node.target in dict(
+                    self.qmodel.named_parameters()) else self.qmodel.get_buffer(node.target)
+            if node.op != 'call_module':
+                continue
+            m = modules[node.target]
+            if is_adaround_layer(m) and getattr(m.weight_fake_quant, 'adaround', False):
+                root[node.target] = FastAdaRoundLayer(m)
+                layers.append(root[node.target])
+            elif is_act_quantizer(m):
+                root[node.target] = FastActQuant(m, generator)
+                act_quants.append(m)
+            else:
+                root[node.target] = m
+        return self.partition.build_graph(root, group.first, group.last, outputs), layers, act_quants
 
-    def _optimise(self, gi: int, group: Group, train_graph: fx.GraphModule, inputs: List[str],
-                  targets: List[str], result: GroupResult) -> None:
+    def _optimise(self, gi: int, group: Group, outputs: List[fx.Node], inputs: List[str],
+                  result: GroupResult) -> None:
         s = self.settings
-        layers, act_quants = self._learnables(group)
-        if not layers or s.iterations == 0:
+        modules = dict(self.qmodel.named_modules())
+        weight_layers = [modules[n.target] for n in self.partition.nodes_of(group.first, group.last)
+                         if n.op == 'call_module' and is_adaround_layer(modules[n.target])]
+        if not weight_layers or s.iterations == 0:
             return
-        for layer in layers:
+        for layer in weight_layers:
             init_adaround(layer)
-        alphas = [layer.weight_fake_quant.alpha for layer in layers]
-        round_masks = [layer.weight_fake_quant for layer in layers]
+        torch.manual_seed(group_seed(self.seed, gi, 0))
+        gen = torch.Generator().manual_seed(group_seed(self.seed, gi, 1))  # batches (CPU)
+        mask_gen = torch.Generator(device=self.device).manual_seed(group_seed(self.seed, gi, 2))  # QDrop masks
+        train_graph, fast_layers, act_quants = self._train_graph(group, outputs, mask_gen)
+        targets = [n.name for n in outputs]
+        alphas = [layer.weight_fake_quant.alpha for layer in weight_layers]
         w_opt = torch.optim.Adam(alphas, lr=s.lr)
         scales = [q.scale for q in act_quants] if s.scale_lr > 0 else []
         a_opt = torch.optim.Adam(scales, lr=s.scale_lr) if scales else None
         a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=s.iterations, eta_min=0.0) if a_opt else None
         for q in act_quants:
             q.prob = s.prob
-        torch.manual_seed(group_seed(self.seed, gi, 0))
-        gen = torch.Generator().manual_seed(group_seed(self.seed, gi, 1))
         params = alphas + scales
         good = [p.detach().clone() for p in params]
         n = len(self.q_cache[inputs[0]])
@@ -235,14 +249,13 @@ class Reconstructor:
             for name, mix in zip(inputs, mixed):
                 x = self._fetch(self.q_cache[name], idx)
                 if mix:
-                    x = torch.where(torch.rand_like(x) < s.prob, x, self._fetch(self.fp_cache[name], idx))
+                    x = torch.where(keep_mask(x, s.prob, mask_gen), x, self._fetch(self.fp_cache[name], idx))
                 xs.append(x)
             rec = self._rec_loss(train_graph(*xs), targets, idx)
             loss = rec
             if step + 1 >= warm:  # MQBench counts steps from 1
                 beta = round_beta(step + 1, s.iterations, s.warm_up, s.b_range)
-                loss = rec + s.weight * sum((1 - (fq.rectified_sigmoid() - 0.5).abs().mul(2).pow(beta)).sum()
-                                            for fq in round_masks)
+                loss = rec + s.weight * sum((1 - (f.soft - 0.5).abs().mul(2).pow(beta)).sum() for f in fast_layers)
             w_opt.zero_grad(set_to_none=True)
             if a_opt:
                 a_opt.zero_grad(set_to_none=True)
@@ -269,7 +282,7 @@ class Reconstructor:
                 result.train_loss = value
                 bar.set_postfix(loss=f'{value:.4g}', refresh=False)
         bar.close()
-        for layer in layers:
+        for layer in weight_layers:
             harden_adaround(layer)
         for q in act_quants:
             q.prob = 1.0
@@ -305,8 +318,10 @@ class Reconstructor:
             if not resumed:
                 result = GroupResult(gi, group.name(units), [u.name for u in units[group.first:group.last + 1]],
                                      group.modules(units), float('nan'), None, 0, 0.0)
-                train_graph = self.partition.build_graph(self.qmodel, group.first, group.last, outputs)
-                self._optimise(gi, group, train_graph, inputs, [n.name for n in outputs], result)
+                self._optimise(gi, group, outputs, inputs, result)
+            for name in inputs:  # float inputs no later group reads are done with: lower the quantized pass's peak
+                if self.last_use.get(name, -1) <= gi:
+                    self.fp_cache.pop(name, None)
             self._quant_pass(group, inputs, outputs, probe, inner)
             self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
             del inner

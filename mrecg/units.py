@@ -205,13 +205,10 @@ class UnitPartition:
                 outs.append(n)
         return outs
 
-    def unit_modules(self, first: int, last: int) -> Dict[str, nn.Module]:
-        mods = dict(self.graph_module.named_modules())
-        return {n.target: mods[n.target] for n in self.nodes_of(first, last) if n.op == 'call_module'}
-
-    def build_graph(self, root: nn.Module, first: int, last: int, outputs: List[fx.Node]) -> fx.GraphModule:
-        """An executable GraphModule of units first..last over ``root``'s modules (shared, not copied):
-        called with the group's inputs in ``inputs_of`` order, returns a tuple in ``outputs`` order."""
+    def build_graph(self, root, first: int, last: int, outputs: List[fx.Node]) -> fx.GraphModule:
+        """An executable GraphModule of units first..last over ``root``'s modules (shared, not copied) or over
+        a dict {target: module}: called with the group's inputs in ``inputs_of`` order, returns a tuple in
+        ``outputs`` order."""
         graph = fx.Graph()
         env: Dict[fx.Node, fx.Node] = {}
         for n in self.inputs_of(first, last):

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 import models
-from mrecg.quantization import (QuantizerSpec, QuantSettings, calibrate, fold_bn, prepare_model, quantizer_bits,
-                                set_fake_quant)
+from mrecg.quantization import (QuantizerSpec, QuantSettings, calibrate, disable_all, fold_bn, prepare_model,
+                                quantizer_bits)
 
 
 def _randomise_bn(model):
@@ -55,5 +55,5 @@ def test_calibration_sets_ranges():
     act = q.layer1_0_relu1_post_act_fake_quantizer
     assert act.fake_quant_enabled[0] == 1 and act.observer_enabled[0] == 0
     assert act.scale.item() != 1.0  # set by the observer
-    set_fake_quant(q, False)
+    disable_all(q)
     assert act.fake_quant_enabled[0] == 0

@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Our reconstruction engine against MQBench's ``advanced_ptq.ptq_reconstruction``, in one process.
+
+Both start from the same calibrated model (same float weights, calibration images, bits and settings,
+plain QDrop or BRECQ with the same iterations per unit and images per step); each is timed over its whole
+reconstruction and then evaluated:
+
+    python scripts/bench_reconstruction.py --config configs/digits/mbv2_2_4.yaml --iters 200
+    python scripts/bench_reconstruction.py --config configs/bench/fashion_resnet18_2_4.yaml --iters 100
+    python scripts/bench_reconstruction.py --config ... --device cuda
+
+Printed per engine: wall time, iterations per second, peak memory above the start of that engine's run
+(resident memory on CPU, allocated memory on CUDA), achieved GFLOP/s of the unit forward+backward
+(FLOPs counted with torch's FlopCounterMode on one step of every unit, times the iterations), memory after
+each unit, and top-1. The last line is ``speedup <ours / MQBench speed> top1_delta <ours - MQBench>``.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mrecg import pipeline  # noqa: E402
+from mrecg.baselines import mqbench_reconstruct  # noqa: E402
+from mrecg.config import build_settings, load_config  # noqa: E402
+from mrecg.data import calibration_images, eval_batches  # noqa: E402
+from mrecg.evaluation import evaluate  # noqa: E402
+from mrecg.quantization import disable_all, enable_quantization, init_adaround, is_adaround_layer, prepare_model  # noqa: E402
+from mrecg.reconstruction import Reconstructor  # noqa: E402
+from mrecg.units import groups_from_spans  # noqa: E402
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    return 0
+
+
+class Memory:
+    """Peak and current memory: CUDA allocator on a GPU, resident set size (VmHWM/VmRSS) on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == 'cuda'
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')  # reset the peak RSS to the current RSS
+            except OSError:
+                pass
+        self.start = self.current()
+
+    def current(self) -> float:
+        if self.cuda:
+            return torch.cuda.memory_allocated() / 2 ** 20
+        return _status_kb('VmRSS') / 1024
+
+    def peak(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2 ** 20 - self.start
+        return _status_kb('VmHWM') / 1024 - self.start
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------------
+def step_flops(graph, inputs) -> int:
+    """FLOPs of one forward + backward of a unit graph, as counted by torch (conv/matmul)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    params = [p for p in graph.parameters() if p.requires_grad]
+    was = [p.requires_grad for p in params]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = graph(*inputs)
+        loss = sum(o.float().square().sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
+        loss.backward()
+    for p, w in zip(params, was):
+        p.grad = None
+        p.requires_grad_(w)
+    return counter.get_total_flops()
+
+
+def ours(qmodel, fp, settings, folded, images, device, mem):
+    partition = pipeline.build_partition(settings, folded, qmodel)
+    groups = groups_from_spans([], len(partition.units))
+    recon = Reconstructor(qmodel, fp, partition, groups, settings.recon, device, settings.seed, progress=False)
+    per_unit = []
+    mem.reset()
+    t = time.perf_counter()
+    recon.run(images, on_group_done=lambda res: per_unit.append(mem.current()))
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    # FLOPs of one step per unit, on a fresh prepared copy so the timed run is untouched
+    flops = 0
+    probe = copy.deepcopy(fp)
+    enable_quantization(probe)
+    part = pipeline.build_partition(settings, folded, probe)
+    mods = dict(probe.named_modules())
+    x = images[:settings.recon.batch_size].to(device)
+    for g in groups:
+        outputs = part.outputs_of(g.first, g.last)
+        for n in part.nodes_of(g.first, g.last):
+            if n.op == 'call_module' and is_adaround_layer(mods[n.target]):
+                init_adaround(mods[n.target])
+        r = Reconstructor(probe, probe, part, groups, settings.recon, device, 0, progress=False)
+        graph, _, _ = r._train_graph(g, outputs, torch.Generator(device=device))
+        flops += step_flops(graph, [x])
+        with torch.no_grad():
+            x = part.build_graph(probe, g.first, g.last, outputs)(x)[0]
+    return wall, len(groups), per_unit, flops * settings.recon.iterations
+
+
+def mqbench(qmodel, fp, settings, folded, images, device, mem):
+    import mqbench.advanced_ptq as adv
+    per_unit, flops, counting_time = [], [0], [0.0]
+    original = adv.subgraph_reconstruction
+
+    def counting(subgraph, cached_inps, cached_oups, config):
+        t0 = time.perf_counter()
+        args = cached_inps[0] if config.prob < 1.0 else cached_inps  # (quantized, float) streams with QDrop
+        inputs = [batches[0] for batches in args]
+        flops[0] += step_flops(subgraph, inputs) * config.max_count
+        counting_time[0] += time.perf_counter() - t0  # not MQBench's work: taken out of its wall time
+        return original(subgraph, cached_inps, cached_oups, config)
+
+    adv.subgraph_reconstruction = counting
+    try:
+        mem.reset()
+        t = time.perf_counter()
+        result = mqbench_reconstruct(qmodel, images, settings.recon, settings.seed, device,
+                                     on_unit_done=lambda: per_unit.append(mem.current()))
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t - counting_time[0]
+    finally:
+        adv.subgraph_reconstruction = original
+    return wall, len(per_unit), per_unit, flops[0], result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', required=True)
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE')
+    parser.add_argument('--iters', type=int, default=200, help='iterations per unit (both engines)')
+    parser.add_argument('--prob', type=float, default=0.5, help='0.5 = QDrop, 1.0 = BRECQ')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'])
+    args = parser.parse_args()
+    overrides = [f'quantize.reconstruction.iterations={args.iters}', f'quantize.reconstruction.prob={args.prob}',
+                 'mrecg.metric=none', 'mrecg.k=0', 'mrecg.scheme=null', *args.set]
+    cfg = load_config(args.config, overrides)
+    settings = build_settings(cfg)
+    device = pipeline.resolve_device(args.device)
+    torch.manual_seed(settings.seed)
+    model = pipeline.build_float_model(settings)
+    folded, _ = pipeline.quantizable(model, settings)
+    images = calibration_images(settings.data, settings.cali_size, settings.seed)
+    calibrated = prepare_model(folded, settings.quant).to(device)
+    pipeline.calibrate_or_reuse(settings, calibrated, images, device)
+    fp = copy.deepcopy(calibrated)
+    disable_all(fp)
+    print(f'{settings.model_type} {settings.model_kwargs} on {settings.data.type}, W{settings.quant.weight.bit}'
+          f'A{settings.quant.act.bit}, prob {settings.recon.prob}, {settings.recon.iterations} iterations/unit, '
+          f'{settings.recon.batch_size} images/step, {settings.cali_size} calibration images, device {device}, '
+          f'{torch.get_num_threads()} threads', flush=True)
+    mem = Memory(device)
+    rows = {}
+    for engine in args.engines:
+        q = copy.deepcopy(calibrated)
+        if engine == 'ours':
+            wall, units, per_unit, flops = ours(q, fp, settings, folded, images, device, mem)
+        else:
+            wall, units, per_unit, flops, q = mqbench(q, fp, settings, folded, images, device, mem)
+        peak = mem.peak()
+        enable_quantization(q)
+        acc = evaluate(q, eval_batches(settings.data, device), device, progress=False)
+        rows[engine] = dict(wall=wall, units=units, its=units * settings.recon.iterations / wall, peak=peak,
+                            gflops=flops / wall / 1e9, top1=acc.top1, per_unit=per_unit)
+        print(f'  {engine:8s} done: {wall:.1f} s', flush=True)
+    print(f'\n{"engine":8s} {"units":>5s} {"wall s":>8s} {"it/s":>7s} {"peak MB":>8s} {"GFLOP/s":>8s} {"top-1":>7s}')
+    for engine, r in rows.items():
+        print(f'{engine:8s} {r["units"]:5d} {r["wall"]:8.1f} {r["its"]:7.1f} {r["peak"]:8.1f} {r["gflops"]:8.2f} '
+              f'{r["top1"]:7.2f}')
+    for engine, r in rows.items():
+        print(f'memory after each unit, {engine} (MB): ' + ' '.join(f'{m:.0f}' for m in r['per_unit']))
+    if {'ours', 'mqbench'} <= set(rows):
+        o, m = rows['ours'], rows['mqbench']
+        print(f'speedup {m["wall"] / o["wall"]:.2f} top1_delta {o["top1"] - m["top1"]:+.2f}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Turn the results.json files under a folder into the paper's table (Markdown and CSV).
+
+    python scripts/collect_results.py outputs/fashion_bench            # prints Markdown, writes table.md/.csv
+    python scripts/collect_results.py outputs/a outputs/b --out results/table
+
+Rows: Full Prec. first, then each method at each W/A (paper order 4/4, 2/4, 3/3, 2/2); columns: models.
+Cells: top-1 mean +- standard deviation over seeds (n = number of seeds); MRECG rows carry the difference
+of means to the plain method they build on (BRECQ or QDrop) in brackets. A second table gives the max
+per-unit reconstruction loss the same way. The CSV has one row per (model, W/A, method) with all figures.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+BITS_ORDER = [(4, 4), (2, 4), (3, 3), (2, 2)]
+METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 'mqbench-qdrop', 'qdrop',
+                'mrecg+qdrop']
+PRETTY = {'nearest': 'Nearest', 'adaround': 'AdaRound', 'brecq': 'BRECQ', 'qdrop': 'QDrop',
+          'mqbench-brecq': 'MQBench BRECQ', 'mqbench-qdrop': 'MQBench QDrop'}
+SOURCE = {'modcap solver': 'ModCap', 'loss solver': 'loss', 'published scheme': 'authors', 'explicit scheme': 'scheme'}
+
+
+def find_results(folders):
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            if 'results.json' in files:
+                with open(os.path.join(root, 'results.json')) as f:
+                    yield json.load(f)
+
+
+def model_label(r):
+    kw = r.get('model_kwargs') or {}
+    width = f' x{kw["width_mult"]}' if 'width_mult' in kw else ''
+    return f'{r["model"]}{width} ({r["dataset"]})'
+
+
+def method_label(r):
+    method = r['method']
+    if not method.startswith('mrecg+'):
+        return PRETTY.get(method, method)
+    g = r['grouping']
+    kind = SOURCE.get(g['source'], g['source'])
+    k = '' if kind in ('authors', 'scheme') else f', k={g["k"]}'
+    return f'MRECG({kind}{k})+{PRETTY[method.split("+", 1)[1]]}'
+
+
+def method_rank(r):
+    base = r['method']
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method_label(r))
+
+
+def stats(values):
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def fmt(mean, std, n, digits=2):
+    if mean is None:
+        return '-'
+    return f'{mean:.{digits}f}' + (f' ± {std:.{digits}f}' if n > 1 else '')
+
+
+def collect(folders):
+    cells = defaultdict(list)   # (model, bits, method label) -> results
+    fp = defaultdict(list)
+    rank = {}
+    for r in find_results(folders):
+        model, bits = model_label(r), (r['w_bits'], r['a_bits'])
+        label = method_label(r)
+        cells[(model, bits, label)].append(r)
+        fp[model].append(r['fp_top1'])
+        rank[label] = method_rank(r)
+    return cells, fp, rank
+
+
+def baseline_of(label):
+    """The plain method an MRECG row builds on: MRECG(...)+QDrop -> QDrop."""
+    return label.split(')+', 1)[1] if label.startswith('MRECG(') else None
+
+
+def build_tables(cells, fp, rank):
+    models = sorted(fp)
+    rows_top1, rows_loss, csv_rows = [], [], []
+    head = '| Method | W/A | ' + ' | '.join(models) + ' |'
+    sep = '|' + '---|' * (len(models) + 2)
+    fp_cells = [fmt(*stats(fp[m])) for m in models]
+    rows_top1 += [head, sep, '| Full Prec. | 32/32 | ' + ' | '.join(fp_cells) + ' |']
+    rows_loss += [head, sep]
+    present_bits = sorted({b for (_, b, _) in cells}, key=lambda b: (BITS_ORDER.index(b) if b in BITS_ORDER else 9, b))
+    for bits in present_bits:
+        labels = sorted({lab for (_, b, lab) in cells if b == bits}, key=lambda lab: rank[lab])
+        for label in labels:
+            top1_cells, loss_cells = [], []
+            for model in models:
+                runs = cells.get((model, bits, label), [])
+                mean, std, n = stats([r['quant_top1'] for r in runs])
+                cell = fmt(mean, std, n)
+                base = baseline_of(label)
+                delta = None
+                if base and mean is not None:
+                    base_mean = stats([r['quant_top1'] for r in cells.get((model, bits, base), [])])[0]
+                    if base_mean is not None:
+                        delta = mean - base_mean
+                        cell += f' ({delta:+.2f})'
+                top1_cells.append(cell)
+                lmean, lstd, ln = stats([r['loss_curve']['max_unit_loss'] for r in runs])
+                loss_cells.append(fmt(lmean, lstd, ln, 3))
+                omean = stats([r['loss_curve']['oscillation'] for r in runs])[0]
+                if runs:
+                    csv_rows.append({'model': model, 'w_bits': bits[0], 'a_bits': bits[1], 'method': label, 'n': n,
+                                     'top1_mean': mean, 'top1_std': std, 'delta_vs_plain': delta,
+                                     'max_unit_loss_mean': lmean, 'max_unit_loss_std': lstd,
+                                     'oscillation_mean': omean, 'fp_top1': stats(fp[model])[0]})
+            row = f'| {label} | {bits[0]}/{bits[1]} | '
+            rows_top1.append(row + ' | '.join(top1_cells) + ' |')
+            rows_loss.append(row + ' | '.join(loss_cells) + ' |')
+    return rows_top1, rows_loss, csv_rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('folders', nargs='+')
+    p.add_argument('--out', help='path prefix of the .md and .csv (default: <first folder>/table)')
+    args = p.parse_args(argv)
+    cells, fp, rank = collect(args.folders)
+    if not cells:
+        print(f'error: no results.json under {", ".join(args.folders)}', file=sys.stderr)
+        return 2
+    top1, loss, rows = build_tables(cells, fp, rank)
+    text = ('Top-1 accuracy (%), mean ± std over seeds; MRECG rows: difference to the plain method in brackets\n\n'
+            + '\n'.join(top1) + '\n\nMax per-unit reconstruction loss, mean ± std over seeds\n\n' + '\n'.join(loss)
+            + '\n')
+    prefix = args.out or os.path.join(args.folders[0], 'table')
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + '.md', 'w') as f:
+        f.write(text)
+    with open(prefix + '.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(text)
+    print(f'wrote {prefix}.md and {prefix}.csv')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

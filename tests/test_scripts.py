@@ -1,0 +1,77 @@
+"""Shipped configs, the sweep and the results collector."""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from ptq_main import main
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True)
+                 if '_base_' not in p)
+
+
+def test_every_paper_setting_is_shipped():
+    names = {os.path.relpath(p, os.path.join(ROOT, 'configs')) for p in CONFIGS}
+    for method in ('brecq', 'qdrop'):
+        for model in ('res18', 'res50', 'mbv2', 'mbv2_075', 'mbv2_05', 'mbv2_035', 'reg600'):
+            for bits in ('4_4', '2_4', '3_3', '2_2'):
+                assert f'{method}/{model}_{bits}.yaml' in names
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, 'configs')))
+def test_config_validates_with_plan(path, capsys):
+    assert main(['--config', path, '--plan']) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert 'reconstruction units' in out
+
+
+def test_paper_config_without_paths_says_what_to_set(tmp_path, capsys):
+    code = main(['--config', os.path.join(ROOT, 'configs', 'qdrop', 'res18_2_4.yaml'), '--output', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and 'model.path is not set' in err
+
+
+def _script(name, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_then_collect_on_digits(tmp_path):
+    out = str(tmp_path / 'sweep')
+    args = ['--configs', 'configs/digits/mbv2_2_4.yaml', '--bits', '2_4', '--methods', 'qdrop', 'mrecg+qdrop',
+            'mqbench-qdrop', '--grouping', 'modcap', '--k', '2', '--seeds', '1', '2', '--out', out, '--set',
+            'quantize.reconstruction.iterations=4', 'quantize.cali_size=64', 'data.eval_limit=100',
+            'data.batch_size=64']
+    first = _script('sweep.py', *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert '6 run, 0 already finished, 0 failed' in first.stdout
+    found = sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, '**', 'results.json'), recursive=True))
+    assert found == [f'digits_mbv2_2_4_w2a4/{m}/seed{s}/results.json' for m in
+                     ('mqbench-qdrop', 'mrecg+qdrop_modcap_k2', 'qdrop') for s in (1, 2)]
+    again = _script('sweep.py', *args)
+    assert again.returncode == 0 and '0 run, 6 already finished' in again.stdout
+
+    table = _script('collect_results.py', out)
+    assert table.returncode == 0, table.stderr
+    md = open(os.path.join(out, 'table.md')).read()
+    top1_table = md.split('Max per-unit reconstruction loss')[0]
+    lines = [line for line in top1_table.splitlines() if line.startswith('|')]
+    assert lines[2].startswith('| Full Prec. | 32/32 |')
+    rows = {line.split('|')[1].strip(): line for line in lines[3:]}
+    assert {'QDrop', 'MRECG(ModCap, k=2)+QDrop', 'MQBench QDrop'} <= set(rows)
+    assert '±' in rows['QDrop']
+    assert '(+' in rows['MRECG(ModCap, k=2)+QDrop'] or '(-' in rows['MRECG(ModCap, k=2)+QDrop']
+    with open(os.path.join(out, 'table.csv')) as f:
+        records = list(csv.DictReader(f))
+    by_method = {r['method']: r for r in records}
+    qdrop = [json.load(open(os.path.join(out, f'digits_mbv2_2_4_w2a4/qdrop/seed{s}/results.json')))['quant_top1']
+             for s in (1, 2)]
+    assert float(by_method['QDrop']['top1_mean']) == pytest.approx(sum(qdrop) / 2)
+    mrecg = float(by_method['MRECG(ModCap, k=2)+QDrop']['top1_mean'])
+    assert float(by_method['MRECG(ModCap, k=2)+QDrop']['delta_vs_plain']) == pytest.approx(mrecg - sum(qdrop) / 2)
+    assert by_method['QDrop']['n'] == '2'
