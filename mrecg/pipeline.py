@@ -23,8 +23,8 @@ from mrecg.config import RunSettings, dump_config
 from mrecg.data import calibration_images, check_calibration_size, check_data, eval_batches
 from mrecg.errors import UserError
 from mrecg.evaluation import Accuracy, evaluate
-from mrecg.quantization import (calibrate, disable_all, enable_quantization, fold_bn, init_adaround,
-                                is_adaround_layer, load_quantized_state, prepare_model)
+from mrecg.quantization import (calibrate, disable_all, enable_quantization, fold_bn, is_adaround_layer,
+                                load_quantized_state, prepare_model)
 from mrecg.reconstruction import GroupResult, ReconSettings, Reconstructor
 from mrecg.reporting import (finite_or_none, oscillation_stats, plot_loss_curve, save_torch, unit_loss_table,
                              write_csv_row, write_json, write_text)
@@ -295,17 +295,17 @@ def prepare_output_dir(path: str, resume: bool, overwrite: bool) -> None:
 
 
 def hardened_layers(qmodel: nn.Module) -> List[str]:
+    """Layers whose rounding was learned and written into the weight (their quantizer is in hard mode)."""
     return [name for name, m in qmodel.named_modules()
-            if is_adaround_layer(m) and hasattr(m.weight_fake_quant, 'alpha') and not m.weight_fake_quant.adaround]
+            if is_adaround_layer(m) and getattr(m.weight_fake_quant, 'hardened', False)]
 
 
 def load_quant_state(qmodel: nn.Module, state: Dict[str, Any]) -> None:
+    load_quantized_state(qmodel, state['qmodel'])
     mods = dict(qmodel.named_modules())
     for name in state['hardened']:
-        init_adaround(mods[name])  # creates alpha so the saved one can load
-    load_quantized_state(qmodel, state['qmodel'])
-    for name in state['hardened']:
         mods[name].weight_fake_quant.adaround = False
+        mods[name].weight_fake_quant.hardened = True
 
 
 def config_digest(path: str) -> str:

@@ -166,11 +166,14 @@ def init_adaround(layer: nn.Module) -> None:
 
 
 def harden_adaround(layer: nn.Module) -> None:
-    """Write the hard rounding decision into the weight (as MQBench does) and switch learned rounding off."""
+    """Write the hard rounding decision into the weight (as MQBench does), switch learned rounding off and
+    drop the rounding variables (nothing reads them afterwards; memory stays flat from unit to unit)."""
     fq = layer.weight_fake_quant
     with torch.no_grad():
         layer.weight.data = fq.get_hard_value(layer.weight.data)
     fq.adaround = False
+    fq.hardened = True
+    del fq.alpha
 
 
 def is_act_quantizer(module: nn.Module) -> bool:

@@ -112,6 +112,8 @@ class Reconstructor:
         self.q_cache: Dict[str, torch.Tensor] = {}
         self.unit_losses: List[Optional[float]] = [None] * len(partition.units)
         self.peak_cache_bytes = 0
+        for p in list(qmodel.parameters()) + list(fp_model.parameters()):
+            p.requires_grad_(False)  # only the active unit's rounding variables and steps get gradients
 
     # ---- caches --------------------------------------------------------------------------------------
     def _fetch(self, tensor: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -229,6 +231,8 @@ class Reconstructor:
         alphas = [layer.weight_fake_quant.alpha for layer in weight_layers]
         w_opt = torch.optim.Adam(alphas, lr=s.lr)
         scales = [q.scale for q in act_quants] if s.scale_lr > 0 else []
+        for p in scales:
+            p.requires_grad_(True)
         a_opt = torch.optim.Adam(scales, lr=s.scale_lr) if scales else None
         a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=s.iterations, eta_min=0.0) if a_opt else None
         for q in act_quants:
@@ -251,15 +255,15 @@ class Reconstructor:
                 if mix:
                     x = torch.where(keep_mask(x, s.prob, mask_gen), x, self._fetch(self.fp_cache[name], idx))
                 xs.append(x)
+            if step + 1 >= warm:  # the rounding regulariser (its gradient is added in the layers' backward)
+                beta = round_beta(step + 1, s.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
+                for f in fast_layers:
+                    f.reg_weight, f.beta = s.weight, beta
             rec = self._rec_loss(train_graph(*xs), targets, idx)
-            loss = rec
-            if step + 1 >= warm:  # MQBench counts steps from 1
-                beta = round_beta(step + 1, s.iterations, s.warm_up, s.b_range)
-                loss = rec + s.weight * sum((1 - (f.soft - 0.5).abs().mul(2).pow(beta)).sum() for f in fast_layers)
             w_opt.zero_grad(set_to_none=True)
             if a_opt:
                 a_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            rec.backward()
             w_opt.step()
             if a_opt:
                 a_opt.step()
@@ -286,6 +290,7 @@ class Reconstructor:
             harden_adaround(layer)
         for q in act_quants:
             q.prob = 1.0
+            q.scale.requires_grad_(False)
 
     def _rec_loss(self, outs: Sequence[torch.Tensor], targets: List[str], idx: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of the group's outputs against the cached float targets."""

@@ -107,13 +107,15 @@ def ours(qmodel, fp, settings, folded, images, device, mem):
     part = pipeline.build_partition(settings, folded, probe)
     mods = dict(probe.named_modules())
     x = images[:settings.recon.batch_size].to(device)
+    r = Reconstructor(probe, probe, part, groups, settings.recon, device, 0, progress=False)  # freezes weights
     for g in groups:
         outputs = part.outputs_of(g.first, g.last)
         for n in part.nodes_of(g.first, g.last):
             if n.op == 'call_module' and is_adaround_layer(mods[n.target]):
                 init_adaround(mods[n.target])
-        r = Reconstructor(probe, probe, part, groups, settings.recon, device, 0, progress=False)
-        graph, _, _ = r._train_graph(g, outputs, torch.Generator(device=device))
+        graph, _, quantizers = r._train_graph(g, outputs, torch.Generator(device=device))
+        for q in quantizers:
+            q.scale.requires_grad_(True)
         flops += step_flops(graph, [x])
         with torch.no_grad():
             x = part.build_graph(probe, g.first, g.last, outputs)(x)[0]
@@ -193,6 +195,9 @@ def main():
               f'{r["top1"]:7.2f}')
     for engine, r in rows.items():
         print(f'memory after each unit, {engine} (MB): ' + ' '.join(f'{m:.0f}' for m in r['per_unit']))
+    if len(rows) > 1 and device.type == 'cpu':
+        print('(peak MB is resident memory above the engine\'s start; an engine that runs second can reuse memory '
+              'the first one freed, so its peak is a lower bound: run --engines X alone for a clean figure)')
     if {'ours', 'mqbench'} <= set(rows):
         o, m = rows['ours'], rows['mqbench']
         print(f'speedup {m["wall"] / o["wall"]:.2f} top1_delta {o["top1"] - m["top1"]:+.2f}')
