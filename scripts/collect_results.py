@@ -8,15 +8,23 @@ Rows: Full Prec. first, then each method at each W/A (paper order 4/4, 2/4, 3/3,
 Cells: top-1 mean +- standard deviation over seeds (n = number of seeds); MRECG rows carry the difference
 of means to the plain method they build on (BRECQ or QDrop) in brackets. A second table gives the max
 per-unit reconstruction loss the same way. The CSV has one row per (model, W/A, method) with all figures.
+
+Loss curves (the paper's figure, ``--no-curves`` to skip): for each model and W/A, the per-base-unit
+reconstruction loss along the network, averaged over seeds, one line per method that has the same base
+units (block-wise methods; layer-wise AdaRound has other units), written as ``<prefix>_curves_<model>_w<W>a<A>.png``
+and as numbers in ``<prefix>_curves.md``.
 """
 import argparse
 import csv
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BITS_ORDER = [(4, 4), (2, 4), (3, 3), (2, 2)]
 METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 'mqbench-qdrop', 'qdrop',
@@ -91,7 +99,7 @@ def build_tables(cells, fp, rank):
     rows_top1, rows_loss, csv_rows = [], [], []
     head = '| Method | W/A | ' + ' | '.join(models) + ' |'
     sep = '|' + '---|' * (len(models) + 2)
-    fp_cells = [fmt(*stats(fp[m])) for m in models]
+    fp_cells = [fmt(*stats(fp[m])) if len(set(fp[m])) > 1 else f'{fp[m][0]:.2f}' for m in models]  # one model: one value
     rows_top1 += [head, sep, '| Full Prec. | 32/32 | ' + ' | '.join(fp_cells) + ' |']
     rows_loss += [head, sep]
     present_bits = sorted({b for (_, b, _) in cells}, key=lambda b: (BITS_ORDER.index(b) if b in BITS_ORDER else 9, b))
@@ -125,10 +133,58 @@ def build_tables(cells, fp, rank):
     return rows_top1, rows_loss, csv_rows
 
 
+def mean_curves(cells):
+    """(model, bits) -> (base-unit names, {method label: mean loss per base unit over seeds}), for the methods
+    whose runs share the most common base-unit list of that model (the block partition)."""
+    by_setting = defaultdict(dict)
+    for (model, bits, label), runs in cells.items():
+        lists = [r.get('unit_losses') or [] for r in runs]
+        names = [u['name'] for u in lists[0]] if lists and lists[0] else None
+        if not names or any([u['name'] for u in lst] != names for lst in lists):
+            continue
+        losses = [[u['loss'] for u in lst] for lst in lists]
+        by_setting[(model, bits)][label] = (tuple(names), [stats(col)[0] for col in zip(*losses)])
+    out = {}
+    for key, curves in by_setting.items():
+        counts = defaultdict(int)
+        for names, _ in curves.values():
+            counts[names] += 1
+        names = max(counts, key=counts.get)
+        out[key] = (list(names), {lab: vals for lab, (n, vals) in curves.items() if n == names})
+    return out
+
+
+def write_curves(curves, rank, prefix):
+    from mrecg.reporting import oscillation_stats, plot_loss_curve
+    lines = ['Mean per-unit reconstruction loss along the network (over seeds); osc = oscillation statistic '
+             '(sum of drops / peak)\n']
+    for (model, bits), (names, by_label) in sorted(curves.items(), key=lambda kv: (kv[0][0], BITS_ORDER.index(kv[0][1])
+                                                                                  if kv[0][1] in BITS_ORDER else 9)):
+        labels = sorted(by_label, key=lambda lab: rank[lab])
+        safe = re.sub(r'[^0-9A-Za-z.]+', '_', model).strip('_')   # 'mobilenet_v2_small (digits)' -> ..._small_digits
+        path = f'{prefix}_curves_{safe}_w{bits[0]}a{bits[1]}.png'
+        plot_loss_curve(path, names, {lab: by_label[lab] for lab in labels},
+                        title=f'{model} W{bits[0]}A{bits[1]}: per-unit reconstruction loss, mean over seeds')
+        lines += [f'### {model} W{bits[0]}A{bits[1]}', '', '| method | ' + ' | '.join(names) + ' | max | osc |',
+                  '|' + '---|' * (len(names) + 3)]
+        for lab in labels:
+            vals = by_label[lab]
+            st = oscillation_stats(names, vals)
+            cells = ' | '.join('-' if v is None else f'{v:.3g}' for v in vals)
+            osc = '-' if st['oscillation'] is None else f'{st["oscillation"]:.2f}'
+            peak = '-' if st['max_unit_loss'] is None else f'{st["max_unit_loss"]:.3g}'
+            lines.append(f'| {lab} | {cells} | {peak} | {osc} |')
+        lines.append('')
+    with open(prefix + '_curves.md', 'w') as f:
+        f.write('\n'.join(lines))
+    return len(curves)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('folders', nargs='+')
     p.add_argument('--out', help='path prefix of the .md and .csv (default: <first folder>/table)')
+    p.add_argument('--no-curves', action='store_true', help='skip the loss-curve plots and numbers')
     args = p.parse_args(argv)
     cells, fp, rank = collect(args.folders)
     if not cells:
@@ -148,6 +204,9 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     print(text)
     print(f'wrote {prefix}.md and {prefix}.csv')
+    if not args.no_curves:
+        n = write_curves(mean_curves(cells), rank, prefix)
+        print(f'wrote {n} loss-curve plots {prefix}_curves_*.png and their numbers in {prefix}_curves.md')
     return 0
 
 

@@ -75,3 +75,12 @@ def test_sweep_then_collect_on_digits(tmp_path):
     mrecg = float(by_method['MRECG(ModCap, k=2)+QDrop']['top1_mean'])
     assert float(by_method['MRECG(ModCap, k=2)+QDrop']['delta_vs_plain']) == pytest.approx(mrecg - sum(qdrop) / 2)
     assert by_method['QDrop']['n'] == '2'
+
+    # the loss curves: one plot for the setting, numbers averaged over the seeds
+    assert os.path.isfile(os.path.join(out, 'table_curves_mobilenet_v2_small_digits_w2a4.png'))
+    curves = open(os.path.join(out, 'table_curves.md')).read()
+    qdrop_row = next(line for line in curves.splitlines() if line.startswith('| QDrop |'))
+    runs = [json.load(open(os.path.join(out, f'digits_mbv2_2_4_w2a4/qdrop/seed{s}/results.json'))) for s in (1, 2)]
+    first_unit = sum(r['unit_losses'][0]['loss'] for r in runs) / 2
+    assert qdrop_row.split('|')[2].strip() == f'{first_unit:.3g}'
+    assert '| MRECG(ModCap, k=2)+QDrop |' in curves
