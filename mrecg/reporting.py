@@ -10,6 +10,7 @@ high-capacity unit after a low-capacity one adds its relative size. ``max_unit_l
 """
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -126,7 +127,7 @@ def plot_loss_curve(path: str, names: Sequence[str], curves: Dict[str, Sequence[
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.2))
     for first, last in spans:
         ax.axvspan(first - 0.4, last + 0.4, color='tab:orange', alpha=0.15, lw=0)
-    for (label, losses), marker in zip(curves.items(), 'os^dv'):
+    for (label, losses), marker in zip(curves.items(), itertools.cycle('os^dvP*X')):
         xs = [i for i, v in enumerate(losses) if v is not None and v > 0]
         ax.plot(xs, [losses[i] for i in xs], marker=marker, ms=4, label=label)
     ax.set_yscale('log')

@@ -15,7 +15,7 @@ COMMON=(--set process.cache_calibration=true)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 run() {  # $1 = model (mbv2 | resnet), $2 = bit pairs, $3 = methods; then the MRECG variants via --grouping
-  local cfg=configs/fashion/$1_2_4.yaml model=$1 bits=$2 methods=$3; shift 3
+  local cfg=configs/fashion/$1_2_4.yaml bits=$2 methods=$3; shift 3
   $PY scripts/sweep.py --configs "$cfg" --bits $bits --methods $methods --seeds $SEEDS --out "$OUT" "${COMMON[@]}" "$@"
 }
 ALL="nearest adaround brecq qdrop mrecg+brecq mrecg+qdrop"

@@ -22,7 +22,7 @@ import os
 import re
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -146,10 +146,7 @@ def mean_curves(cells):
         by_setting[(model, bits)][label] = (tuple(names), [stats(col)[0] for col in zip(*losses)])
     out = {}
     for key, curves in by_setting.items():
-        counts = defaultdict(int)
-        for names, _ in curves.values():
-            counts[names] += 1
-        names = max(counts, key=counts.get)
+        names = Counter(n for n, _ in curves.values()).most_common(1)[0][0]
         out[key] = (list(names), {lab: vals for lab, (n, vals) in curves.items() if n == names})
     return out
 
