@@ -126,7 +126,8 @@ def file_sha256(path: str) -> str:
 def cache_key(settings: RunSettings, kind: str) -> str:
     """Hash of everything a cached result depends on: the calibrated quantizers (``calibration``) or the
     plain per-unit losses of the probe pass (``loss``, which also depends on the reconstruction settings)."""
-    key = {'kind': kind, 'format': 1, 'model': settings.model_type, 'kwargs': settings.model_kwargs,
+    # format: bumped when the engine's numbers change (loss 2: the network input's step is no longer learned)
+    key = {'kind': kind, 'format': 2 if kind == 'loss' else 1, 'model': settings.model_type, 'kwargs': settings.model_kwargs,
            'checkpoint': file_sha256(settings.model_path), 'quant': asdict(settings.quant),
            'data': {**asdict(settings.data), 'eval_limit': None, 'num_workers': None, 'pin_memory': None},
            'cali_size': settings.cali_size, 'seed': settings.seed}
