@@ -31,6 +31,17 @@ def test_reconstruction_lowers_the_unit_loss(calibrated):
         assert results[0].iters == 80 and results[0].train_loss is not None
 
 
+def test_network_input_step_stays_calibrated_inner_steps_are_learned(calibrated):
+    recon, q, images = make(calibrated, iterations=30, scale_lr=1e-3)
+    before = {n: m.scale.clone() for n, m in q.named_modules() if n.endswith('post_act_fake_quantizer')}
+    recon.run(images)
+    after = {n: m.scale for n, m in q.named_modules() if n.endswith('post_act_fake_quantizer')}
+    inputs = [n for n in before if n.startswith('x_')]
+    assert inputs == ['x_post_act_fake_quantizer']
+    assert torch.equal(before[inputs[0]], after[inputs[0]])
+    assert sum(not torch.equal(before[n], after[n]) for n in before if n not in inputs) >= len(before) - 2
+
+
 def test_same_seed_same_numbers_and_other_seed_differs(calibrated):
     def once(seed):
         recon, q, images = make(calibrated, iterations=25, seed=seed)
