@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import tempfile
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -124,7 +125,8 @@ def plot_loss_curve(path: str, names: Sequence[str], curves: Dict[str, Sequence[
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.2))
+    width = max(6.0, 0.45 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(width, 4.2))
     for first, last in spans:
         ax.axvspan(first - 0.4, last + 0.4, color='tab:orange', alpha=0.15, lw=0)
     for (label, losses), marker in zip(curves.items(), itertools.cycle('os^dvP*X')):
@@ -134,8 +136,8 @@ def plot_loss_curve(path: str, names: Sequence[str], curves: Dict[str, Sequence[
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
     ax.set_ylabel('reconstruction loss (log)')
-    ax.set_title(title or 'per-unit reconstruction loss' + (' (shaded: jointly reconstructed)' if spans else ''),
-                 fontsize=9)
+    title = title or 'per-unit reconstruction loss' + (' (shaded: jointly reconstructed)' if spans else '')
+    ax.set_title(textwrap.fill(title, width=int(width * 11)), fontsize=9)  # ~11 characters per inch at 9 pt
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -113,8 +113,8 @@ def ours(qmodel, fp, settings, folded, images, device, mem):
         for n in part.nodes_of(g.first, g.last):
             if n.op == 'call_module' and is_adaround_layer(mods[n.target]):
                 init_adaround(mods[n.target])
-        graph, _, quantizers = r._train_graph(g, outputs, torch.Generator(device=device))
-        for q in quantizers:
+        graph, _, _, learned = r._train_graph(g, outputs, torch.Generator(device=device))
+        for q in learned:
             q.scale.requires_grad_(True)
         flops += step_flops(graph, [x])
         with torch.no_grad():

@@ -84,3 +84,15 @@ def test_sweep_then_collect_on_digits(tmp_path):
     first_unit = sum(r['unit_losses'][0]['loss'] for r in runs) / 2
     assert qdrop_row.split('|')[2].strip() == f'{first_unit:.3g}'
     assert '| MRECG(ModCap, k=2)+QDrop |' in curves
+
+
+def test_reconstruction_benchmark_runs_both_engines():
+    """The benchmark drives the engine's internals; it must keep working when they change."""
+    run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--iters', '2', '--set',
+                  'quantize.cali_size=64', 'data.eval_limit=64', 'data.batch_size=64')
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    table = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line.startswith(('mqbench ', 'ours '))}
+    assert set(table) == {'mqbench', 'ours'}
+    assert int(table['ours'][1]) == 9 and int(table['mqbench'][1]) == 10  # our units vs MQBench's extract_block
+    assert float(table['ours'][5]) > 0 and float(table['mqbench'][5]) > 0  # achieved GFLOP/s were counted
+    assert run.stdout.strip().splitlines()[-1].startswith('speedup ')
