@@ -33,7 +33,7 @@ from mrecg.units import BaseUnit, UnitPartition, groups_from_spans, layer_base_u
 log = logging.getLogger('mrecg')
 CONFIG, RESULTS, CSV, PLOT, STATE, LOG, QMODEL = ('config.yaml', 'results.json', 'results.csv', 'loss_curve.png',
                                                   'checkpoint.pt', 'run.log', 'quantized_model.pt')
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the fast quantizers' numbers (float arithmetic, new mask stream, fused Adam)
 
 
 # ---- setup ---------------------------------------------------------------------------------------------
@@ -126,8 +126,9 @@ def file_sha256(path: str) -> str:
 def cache_key(settings: RunSettings, kind: str) -> str:
     """Hash of everything a cached result depends on: the calibrated quantizers (``calibration``) or the
     plain per-unit losses of the probe pass (``loss``, which also depends on the reconstruction settings)."""
-    # format: bumped when the engine's numbers change (loss 2: the network input's step is no longer learned)
-    key = {'kind': kind, 'format': 2 if kind == 'loss' else 1, 'model': settings.model_type, 'kwargs': settings.model_kwargs,
+    # format: bumped when the engine's numbers change (loss 2: the network input's step is no longer learned;
+    # 3: float-arithmetic quantizers, new QDrop mask stream, fused Adam)
+    key = {'kind': kind, 'format': 3 if kind == 'loss' else 1, 'model': settings.model_type, 'kwargs': settings.model_kwargs,
            'checkpoint': file_sha256(settings.model_path), 'quant': asdict(settings.quant),
            'data': {**asdict(settings.data), 'eval_limit': None, 'num_workers': None, 'pin_memory': None},
            'cali_size': settings.cali_size, 'seed': settings.seed}
@@ -326,7 +327,10 @@ def run(settings: RunSettings, cfg, model: nn.Module, output_dir: str, device: t
     state = None
     if resume and os.path.isfile(os.path.join(output_dir, STATE)):
         state = torch.load(os.path.join(output_dir, STATE), map_location='cpu', weights_only=True)
-        if state.get('format') != STATE_FORMAT or state.get('config') != config_digest(config_path):
+        if state.get('format') != STATE_FORMAT:
+            raise UserError(f'{output_dir}/{STATE} was written by another version of the engine, whose numbers '
+                            'differ; start over with --overwrite')
+        if state.get('config') != config_digest(config_path):
             raise UserError(f'{output_dir}/{STATE} does not belong to {config_path} (was the config edited?); '
                             'start over with --overwrite')
         log.info('resuming %s: %d units already reconstructed', output_dir, len(state['results']))

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, keep_mask
@@ -75,8 +76,9 @@ class GroupResult:
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels, averaged over batch and positions (BRECQ/QDrop/MQBench)."""
-    return (pred - target).square().sum(1).mean()
+    """Squared error summed over channels, averaged over batch and positions (BRECQ/QDrop/MQBench's
+    ``(pred - target).pow(2).sum(1).mean()``, as one fused kernel forward and one backward)."""
+    return F.mse_loss(pred, target, reduction='sum') / (pred.numel() // pred.shape[1])
 
 
 def round_beta(step: int, iterations: int, warm_up: float, b_range: Sequence[float]) -> float:
@@ -235,12 +237,10 @@ class Reconstructor:
         train_graph, fast_layers, act_quants, learned_quants = self._train_graph(group, outputs, mask_gen)
         targets = [n.name for n in outputs]
         alphas = [layer.weight_fake_quant.alpha for layer in weight_layers]
-        w_opt = torch.optim.Adam(alphas, lr=s.lr)
         scales = [q.scale for q in learned_quants] if s.scale_lr > 0 else []
         for p in scales:
             p.requires_grad_(True)
-        a_opt = torch.optim.Adam(scales, lr=s.scale_lr) if scales else None
-        a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=s.iterations, eta_min=0.0) if a_opt else None
+        optimiser, schedule = self._optimiser(alphas, scales)
         for q in act_quants:
             q.prob = s.prob
         params = alphas + scales
@@ -259,21 +259,17 @@ class Reconstructor:
             for name, mix in zip(inputs, mixed):
                 x = self._fetch(self.q_cache[name], idx)
                 if mix:
-                    x = torch.where(keep_mask(x, s.prob, mask_gen), x, self._fetch(self.fp_cache[name], idx))
+                    x = torch.lerp(self._fetch(self.fp_cache[name], idx), x, keep_mask(x, s.prob, mask_gen))  # exact at 0, 1
                 xs.append(x)
             if step + 1 >= warm:  # the rounding regulariser (its gradient is added in the layers' backward)
                 beta = round_beta(step + 1, s.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
                 for f in fast_layers:
                     f.reg_weight, f.beta = s.weight, beta
             rec = self._rec_loss(train_graph(*xs), targets, idx)
-            w_opt.zero_grad(set_to_none=True)
-            if a_opt:
-                a_opt.zero_grad(set_to_none=True)
+            optimiser.zero_grad(set_to_none=True)
             rec.backward()
-            w_opt.step()
-            if a_opt:
-                a_opt.step()
-                a_sched.step()
+            optimiser.step()
+            schedule.step()
             window += rec.detach()
             window_count += 1
             if window_count == s.log_every or step + 1 == s.iterations:
@@ -297,6 +293,17 @@ class Reconstructor:
         for q in act_quants:
             q.prob = 1.0
             q.scale.requires_grad_(False)
+
+    def _optimiser(self, alphas: List[torch.Tensor], scales: List[torch.Tensor]):
+        """One Adam over both parameter groups (MQBench runs two): rounding variables at ``lr``, activation
+        steps at ``scale_lr`` on a cosine schedule to zero over the unit's iterations. Fused (one kernel for
+        all parameters) where torch has it: the unfused step costs ~0.4 ms of ~4 on a small CPU unit."""
+        s = self.settings
+        groups = [{'params': alphas, 'lr': s.lr}] + ([{'params': scales, 'lr': s.scale_lr}] if scales else [])
+        optimiser = torch.optim.Adam(groups, fused=self.device.type in ('cpu', 'cuda'))
+        cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * step / s.iterations))  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, [lambda step: 1.0, cosine][:len(groups)])
+        return optimiser, schedule
 
     def _rec_loss(self, outs: Sequence[torch.Tensor], targets: List[str], idx: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of the group's outputs against the cached float targets."""

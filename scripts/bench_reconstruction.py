@@ -16,6 +16,7 @@ each unit, and top-1. The last line is ``speedup <ours / MQBench speed> top1_del
 """
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -73,12 +74,24 @@ class Memory:
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------------
+def _grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                                 output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+    """torch's formula for the weight gradient of a conv ignores ``groups`` (it counts a depthwise conv's weight
+    gradient as a dense conv's, C times too many); the input gradient's is right."""
+    from torch.utils.flop_counter import conv_backward_flop
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    grad_input = conv_backward_flop(*args, [output_mask[0], False, False], out_val=out_shape)
+    grad_weight = conv_backward_flop(*args, [False, output_mask[1], False], out_val=out_shape)
+    return grad_input + grad_weight // groups
+
+
 def step_flops(graph, inputs) -> int:
-    """FLOPs of one forward + backward of a unit graph, as counted by torch (conv/matmul)."""
+    """FLOPs of one forward + backward of a unit graph, as counted by torch (conv/matmul; grouped conv fixed)."""
     from torch.utils.flop_counter import FlopCounterMode
     params = [p for p in graph.parameters() if p.requires_grad]
     was = [p.requires_grad for p in params]
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten.convolution_backward: _grouped_conv_backward_flop})
     with counter:
         out = graph(*inputs)
         loss = sum(o.float().square().sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
@@ -149,19 +162,28 @@ def mqbench(qmodel, fp, settings, folded, images, device, mem):
     return wall, len(per_unit), per_unit, flops[0], result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', required=True)
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE')
-    parser.add_argument('--iters', type=int, default=200, help='iterations per unit (both engines)')
-    parser.add_argument('--prob', type=float, default=0.5, help='0.5 = QDrop, 1.0 = BRECQ')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'])
-    args = parser.parse_args()
+def warm_up(engines, calibrated, fp, settings, folded, images, device, iterations):
+    """A few untimed iterations per unit of every engine first. The first convolution of each new shape in a
+    process JIT-compiles oneDNN kernels (0.1-0.4 s each on this CPU, forward and both backward passes), and
+    both engines train on the same shapes: without this, whichever engine runs second gets them for free."""
+    settings = dataclasses.replace(settings, recon=dataclasses.replace(settings.recon, iterations=iterations))
+    for engine in engines:
+        q = copy.deepcopy(calibrated)
+        if engine == 'ours':
+            partition = pipeline.build_partition(settings, folded, q)
+            groups = groups_from_spans([], len(partition.units))
+            Reconstructor(q, fp, partition, groups, settings.recon, device, settings.seed, progress=False).run(images)
+        else:
+            mqbench_reconstruct(q, images, settings.recon, settings.seed, device)
+
+
+def bench_seed(args, seed, warm: bool):
+    """Both engines from one calibrated model for one seed; returns the rows and the settings."""
     overrides = [f'quantize.reconstruction.iterations={args.iters}', f'quantize.reconstruction.prob={args.prob}',
                  'mrecg.metric=none', 'mrecg.k=0', 'mrecg.scheme=null', *args.set]
-    cfg = load_config(args.config, overrides)
-    settings = build_settings(cfg)
+    if seed is not None:
+        overrides.append(f'process.seed={seed}')
+    settings = build_settings(load_config(args.config, overrides))
     device = pipeline.resolve_device(args.device)
     torch.manual_seed(settings.seed)
     model = pipeline.build_float_model(settings)
@@ -173,8 +195,12 @@ def main():
     disable_all(fp)
     print(f'{settings.model_type} {settings.model_kwargs} on {settings.data.type}, W{settings.quant.weight.bit}'
           f'A{settings.quant.act.bit}, prob {settings.recon.prob}, {settings.recon.iterations} iterations/unit, '
-          f'{settings.recon.batch_size} images/step, {settings.cali_size} calibration images, device {device}, '
-          f'{torch.get_num_threads()} threads', flush=True)
+          f'{settings.recon.batch_size} images/step, {settings.cali_size} calibration images, seed {settings.seed}, '
+          f'device {device}, {torch.get_num_threads()} threads', flush=True)
+    if warm and args.warmup:
+        t = time.perf_counter()
+        warm_up(args.engines, calibrated, fp, settings, folded, images, device, args.warmup)
+        print(f'  warm-up ({args.warmup} iterations per unit, every engine): {time.perf_counter() - t:.1f} s', flush=True)
     mem = Memory(device)
     rows = {}
     for engine in args.engines:
@@ -195,12 +221,42 @@ def main():
               f'{r["top1"]:7.2f}')
     for engine, r in rows.items():
         print(f'memory after each unit, {engine} (MB): ' + ' '.join(f'{m:.0f}' for m in r['per_unit']))
-    if len(rows) > 1 and device.type == 'cpu':
+    return rows, device
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', required=True)
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE')
+    parser.add_argument('--iters', type=int, default=200, help='iterations per unit (both engines)')
+    parser.add_argument('--prob', type=float, default=0.5, help='0.5 = QDrop, 1.0 = BRECQ')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--seeds', nargs='+', type=int, default=None,
+                        help='run every engine once per seed (default: the config\'s seed); the last line then '
+                             'gives the total-time speedup and the mean top-1 difference')
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='untimed iterations per unit of every engine before timing (0: none; see warm_up)')
+    parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'])
+    args = parser.parse_args()
+    per_seed = []
+    for i, seed in enumerate(args.seeds or [None]):
+        rows, device = bench_seed(args, seed, warm=i == 0)
+        per_seed.append(rows)
+        print()
+    if len(args.engines) > 1 and device.type == 'cpu':
         print('(peak MB is resident memory above the engine\'s start; an engine that runs second can reuse memory '
-              'the first one freed, so its peak is a lower bound: run --engines X alone for a clean figure)')
-    if {'ours', 'mqbench'} <= set(rows):
-        o, m = rows['ours'], rows['mqbench']
-        print(f'speedup {m["wall"] / o["wall"]:.2f} top1_delta {o["top1"] - m["top1"]:+.2f}')
+              'the first one freed, so its peak is a lower bound: run --engines X --warmup 0 alone for a clean figure)')
+    if len(per_seed) > 1:
+        for engine in args.engines:
+            walls = [r[engine]['wall'] for r in per_seed]
+            top1 = torch.tensor([r[engine]['top1'] for r in per_seed], dtype=torch.float64)
+            print(f'{engine:8s} {len(per_seed)} seeds: wall {sum(walls):.1f} s in all, top-1 {top1.mean():.2f} '
+                  f'± {top1.std():.2f} (' + ' '.join(f'{t:.2f}' for t in top1.tolist()) + ')')
+    if {'ours', 'mqbench'} <= set(args.engines):
+        ours_wall = sum(r['ours']['wall'] for r in per_seed)
+        mq_wall = sum(r['mqbench']['wall'] for r in per_seed)
+        delta = sum(r['ours']['top1'] - r['mqbench']['top1'] for r in per_seed) / len(per_seed)
+        print(f'speedup {mq_wall / ours_wall:.2f} top1_delta {delta:+.2f}')
 
 
 if __name__ == '__main__':

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import models
-from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, keep_mask
+from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, _dense_depthwise_plan, _depthwise_dense, keep_mask
 from mrecg.quantization import QuantizerSpec, QuantSettings, calibrate, init_adaround, prepare_model
 
 
@@ -34,7 +34,7 @@ def test_activation_quantizer_matches_mqbench(prepared, prob):
     xr = x.clone().requires_grad_(True)
     out_ref = ref_q(xr)
     if prob < 1:
-        out_ref = torch.where(keep_mask(x, prob, torch.Generator().manual_seed(3)), out_ref, xr)
+        out_ref = torch.where(keep_mask(x, prob, torch.Generator().manual_seed(3)).bool(), out_ref, xr)
     (out_ref * upstream).sum().backward()
     xo = x.clone().requires_grad_(True)
     out = FastActQuant(ours_q, torch.Generator().manual_seed(3))(xo)
@@ -44,7 +44,7 @@ def test_activation_quantizer_matches_mqbench(prepared, prob):
     assert torch.allclose(ours_q.scale.grad, ref_q.scale.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('reg_weight,beta', [(0.0, 20.0), (0.01, 20.0), (0.1, 3.7), (0.1, 2.0)])
+@pytest.mark.parametrize('reg_weight,beta', [(0.0, 20.0), (0.01, 20.0), (0.1, 3.7), (0.1, 2.0), (0.1, 1.5)])
 def test_adaround_weight_and_regulariser_gradient_match_mqbench(prepared, reg_weight, beta):
     ref = copy.deepcopy(prepared.get_submodule("layer1.0.conv2"))
     init_adaround(ref)
@@ -69,7 +69,50 @@ def test_keep_mask_probability_and_reproducibility():
     like = torch.zeros(64, 32, 8, 8)
     for prob in (0.5, 0.25, 0.9):
         masks = torch.stack([keep_mask(like, prob, torch.Generator().manual_seed(s)) for s in range(8)])
-        assert masks.dtype == torch.bool and masks.shape[1:] == like.shape
+        assert masks.dtype == like.dtype and masks.shape[1:] == like.shape
+        assert set(masks.unique().tolist()) == {0.0, 1.0}
         assert abs(masks.float().mean().item() - round(prob * 256) / 256) < 0.005
     assert torch.equal(keep_mask(like, 0.5, torch.Generator().manual_seed(1)),
                        keep_mask(like, 0.5, torch.Generator().manual_seed(1)))
+
+
+def test_activation_quantizer_with_zero_point_clamps_both_ends_like_mqbench(prepared):
+    """An asymmetric step (zero point 3) and inputs beyond both ends of the grid: values and gradients equal."""
+    ref_q, _ = _act(prepared)
+    with torch.no_grad():
+        ref_q.zero_point.fill_(3)
+    ours_q = copy.deepcopy(ref_q)
+    x = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(7)) * 20 * ref_q.scale.detach()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    ref_q.prob = ours_q.prob = 1.0
+    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_ref = ref_q(xr)
+    (out_ref * upstream).sum().backward()
+    out = FastActQuant(ours_q, None)(xo)
+    (out * upstream).sum().backward()
+    assert (out_ref == out_ref.min()).any() and (out_ref == out_ref.max()).any()  # both ends reached
+    assert torch.equal(out, out_ref)  # MQBench's float ops in MQBench's order
+    assert torch.allclose(xo.grad, xr.grad, atol=1e-6)  # MQBench's goes through * s / s: off by an ulp
+    assert torch.allclose(ours_q.scale.grad, ref_q.scale.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('channels,size,kernel,stride,padding', [(8, 2, 3, 1, 1), (8, 2, 3, 2, 1), (6, 1, 3, 1, 1),
+                                                                  (5, 2, 5, 1, 2)])
+def test_depthwise_conv_on_tiny_maps_as_matrices_matches_conv2d(channels, size, kernel, stride, padding):
+    layer = torch.nn.Conv2d(channels, channels, kernel, stride, padding, groups=channels)
+    plan = _dense_depthwise_plan(layer, size, size, torch.device('cpu'))
+    assert plan is not None
+    x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    out = _depthwise_dense(x, w, layer.bias, plan)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
+    gx, gw = torch.autograd.grad((out * upstream).sum(), (x, w))
+    ref = torch.nn.functional.conv2d(x, w, layer.bias, stride, padding, groups=channels)
+    rx, rw = torch.autograd.grad((ref * upstream).sum(), (x, w))
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
+
+
+def test_depthwise_conv_keeps_the_conv_kernel_on_larger_maps():
+    layer = torch.nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+    assert _dense_depthwise_plan(layer, 4, 4, torch.device('cpu')) is None
