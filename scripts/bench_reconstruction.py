@@ -109,7 +109,14 @@ def ours(qmodel, fp, settings, folded, images, device, mem):
     per_unit = []
     mem.reset()
     t = time.perf_counter()
-    recon.run(images, on_group_done=lambda res: per_unit.append(mem.current()))
+    cache_mb = []
+
+    def unit_done(results):
+        per_unit.append(mem.current())
+        cache_mb.append(recon.cache_bytes() / 2 ** 20)
+    recon.run(images, on_group_done=unit_done)
+    print('  ours: cached activations after each unit (MB, exact): ' + ' '.join(f'{m:.1f}' for m in cache_mb)
+          + f'; peak {recon.peak_cache_bytes / 2 ** 20:.1f}', flush=True)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
