@@ -18,7 +18,9 @@ a comparison 39 us. So everything here is float arithmetic:
   rounded level sits strictly inside the grid (wherever a gradient flows the soft part h is in (0, 1), so
   only the floor decides); the regulariser's gradient is added analytically in ``_AdaRoundWeight``'s backward
   (its value is never used), and no gradient is computed for the float weights, biases or BN (MQBench
-  back-propagates into the float weight through ``floor`` every step, only to get zeros).
+  back-propagates into the float weight through ``floor`` every step, only to get zeros);
+- depthwise convolutions on maps of 2x2 or smaller run as one small matrix per channel (``bmm``): oneDNN's
+  depthwise kernel takes 2.0 ms forward + backward on 32x288x2x2, the matrices 0.4 ms.
 """
 from typing import Dict, Optional, Tuple
 

@@ -88,11 +88,16 @@ def test_sweep_then_collect_on_digits(tmp_path):
 
 def test_reconstruction_benchmark_runs_both_engines():
     """The benchmark drives the engine's internals; it must keep working when they change."""
-    run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--iters', '2', '--set',
-                  'quantize.cali_size=64', 'data.eval_limit=64', 'data.batch_size=64')
+    run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--iters', '2', '--warmup', '1',
+                  '--seeds', '1', '2', '--set', 'quantize.cali_size=64', 'data.eval_limit=64', 'data.batch_size=64')
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    table = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line.startswith(('mqbench ', 'ours '))}
+    table = {line.split()[0]: line.split() for line in run.stdout.splitlines()
+             if line.startswith(('mqbench ', 'ours ')) and 'seeds:' not in line}  # the last seed's table
     assert set(table) == {'mqbench', 'ours'}
     assert int(table['ours'][1]) == 9 and int(table['mqbench'][1]) == 10  # our units vs MQBench's extract_block
     assert float(table['ours'][5]) > 0 and float(table['mqbench'][5]) > 0  # achieved GFLOP/s were counted
     assert run.stdout.strip().splitlines()[-1].startswith('speedup ')
+    assert 'warm-up (1 iterations per unit' in run.stdout
+    assert sum(line.startswith(('mqbench  2 seeds:', 'ours     2 seeds:')) for line in run.stdout.splitlines()) == 2
+    caches = [line for line in run.stdout.splitlines() if 'cached activations after each unit' in line]
+    assert len(caches) == 2 and len(caches[0].split('exact): ')[1].split(';')[0].split()) == 9  # one figure per unit
