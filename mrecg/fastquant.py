@@ -173,6 +173,9 @@ class _AdaRoundWeight(torch.autograd.Function):
         return torch.ops.aten.sigmoid_backward(grad_sig, sig), None, None, None, None, None, None, None, None
 
 
+DENSE_DEPTHWISE_MAX = 16  # 2x2 maps and smaller: at 4x4 the conv kernel is as fast (measured, digits model)
+
+
 def _dense_depthwise_plan(layer: nn.Conv2d, height: int, width: int, device: torch.device):
     """For a depthwise conv on a tiny feature map: for every (output, input) position pair the kernel tap that
     links them (k*k where none does), so that the conv is one batched matrix product per channel. None where
@@ -190,9 +193,6 @@ def _dense_depthwise_plan(layer: nn.Conv2d, height: int, width: int, device: tor
                     if 0 <= i < height and 0 <= j < width:
                         index[oi * out_w + oj, i * width + j] = ki * kw + kj
     return index.view(-1).to(device), out_h, out_w
-
-
-DENSE_DEPTHWISE_MAX = 16  # 2x2 maps and smaller: at 4x4 the conv kernel is as fast (measured, digits model)
 
 
 def _depthwise_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan) -> torch.Tensor:

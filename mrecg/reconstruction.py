@@ -259,7 +259,8 @@ class Reconstructor:
             for name, mix in zip(inputs, mixed):
                 x = self._fetch(self.q_cache[name], idx)
                 if mix:
-                    x = torch.lerp(self._fetch(self.fp_cache[name], idx), x, keep_mask(x, s.prob, mask_gen))  # exact at 0, 1
+                    # lerp with a 0/1 weight is exact: the quantized input where 1, the float one where 0
+                    x = torch.lerp(self._fetch(self.fp_cache[name], idx), x, keep_mask(x, s.prob, mask_gen))
                 xs.append(x)
             if step + 1 >= warm:  # the rounding regulariser (its gradient is added in the layers' backward)
                 beta = round_beta(step + 1, s.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
