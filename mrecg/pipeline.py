@@ -51,9 +51,20 @@ def preflight(settings: RunSettings, need_checkpoint: bool = True) -> None:
         if not settings.model_path:
             raise UserError('model.path is not set: point it at the float checkpoint to quantize')
         if not os.path.isfile(settings.model_path):
-            raise UserError(f'checkpoint file not found: {settings.model_path} (model.path)')
+            raise UserError(f'checkpoint file not found: {settings.model_path} (model.path)'
+                            + _train_hint(settings))
     check_data(settings.data)
     check_calibration_size(settings.data, settings.cali_size)
+
+
+def _train_hint(settings: RunSettings) -> str:
+    """The command that makes a missing small-model checkpoint (the large ones are not committed)."""
+    path = settings.model_path or ''
+    expected = os.path.join('models', 'checkpoints', f'{settings.model_type}_{settings.data.type}.pth')
+    if settings.data.type == 'imagenet' or not os.path.normpath(path).endswith(expected):
+        return ''
+    return (f'; train it with: python scripts/train_small_models.py --dataset {settings.data.type} '
+            f'--models {settings.model_type}')
 
 
 def build_float_model(settings: RunSettings, load: bool = True) -> nn.Module:
@@ -62,7 +73,8 @@ def build_float_model(settings: RunSettings, load: bool = True) -> nn.Module:
         try:
             models.load_checkpoint(model, settings.model_path, models.model_entry(settings.model_type).family)
         except models.CheckpointError as exc:
-            raise UserError(str(exc)) from None
+            hint = _train_hint(settings) if not os.path.isfile(settings.model_path or '') else ''
+            raise UserError(str(exc) + hint) from None
     return model.eval()
 
 

@@ -29,6 +29,7 @@ from mrecg import pipeline  # noqa: E402
 from mrecg.baselines import mqbench_reconstruct  # noqa: E402
 from mrecg.config import build_settings, load_config  # noqa: E402
 from mrecg.data import calibration_images, eval_batches  # noqa: E402
+from mrecg.errors import UserError  # noqa: E402
 from mrecg.evaluation import evaluate  # noqa: E402
 from mrecg.quantization import disable_all, enable_quantization, init_adaround, is_adaround_layer, prepare_model  # noqa: E402
 from mrecg.reconstruction import Reconstructor  # noqa: E402
@@ -247,7 +248,11 @@ def main():
     args = parser.parse_args()
     per_seed = []
     for i, seed in enumerate(args.seeds or [None]):
-        rows, device = bench_seed(args, seed, warm=i == 0)
+        try:
+            rows, device = bench_seed(args, seed, warm=i == 0)
+        except UserError as exc:
+            print(f'error: {exc}', file=sys.stderr)
+            return 2
         per_seed.append(rows)
         print()
     if len(args.engines) > 1 and device.type == 'cpu':
@@ -264,7 +269,8 @@ def main():
         mq_wall = sum(r['mqbench']['wall'] for r in per_seed)
         delta = sum(r['ours']['top1'] - r['mqbench']['top1'] for r in per_seed) / len(per_seed)
         print(f'speedup {mq_wall / ours_wall:.2f} top1_delta {delta:+.2f}')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

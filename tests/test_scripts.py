@@ -86,6 +86,14 @@ def test_sweep_then_collect_on_digits(tmp_path):
     assert '| MRECG(ModCap, k=2)+QDrop |' in curves
 
 
+def test_reconstruction_benchmark_bad_input_is_one_line():
+    run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--set',
+                  'model.path=models/checkpoints/nope.pth')
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert 'checkpoint file not found' in run.stderr and 'Traceback' not in run.stderr
+    assert run.stderr.strip().count('\n') == 0
+
+
 def test_reconstruction_benchmark_runs_both_engines():
     """The benchmark drives the engine's internals; it must keep working when they change."""
     run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--iters', '2', '--warmup', '1',
