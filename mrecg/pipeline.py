@@ -58,10 +58,10 @@ def preflight(settings: RunSettings, need_checkpoint: bool = True) -> None:
 
 
 def _train_hint(settings: RunSettings) -> str:
-    """The command that makes a missing small-model checkpoint (the large ones are not committed)."""
+    """For a missing small-model checkpoint, the command that makes it (the large ones are not committed)."""
     path = settings.model_path or ''
     expected = os.path.join('models', 'checkpoints', f'{settings.model_type}_{settings.data.type}.pth')
-    if settings.data.type == 'imagenet' or not os.path.normpath(path).endswith(expected):
+    if settings.data.type == 'imagenet' or os.path.isfile(path) or not os.path.normpath(path).endswith(expected):
         return ''
     return (f'; train it with: python scripts/train_small_models.py --dataset {settings.data.type} '
             f'--models {settings.model_type}')
@@ -73,8 +73,7 @@ def build_float_model(settings: RunSettings, load: bool = True) -> nn.Module:
         try:
             models.load_checkpoint(model, settings.model_path, models.model_entry(settings.model_type).family)
         except models.CheckpointError as exc:
-            hint = _train_hint(settings) if not os.path.isfile(settings.model_path or '') else ''
-            raise UserError(str(exc) + hint) from None
+            raise UserError(str(exc) + _train_hint(settings)) from None
     return model.eval()
 
 

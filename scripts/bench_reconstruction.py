@@ -103,10 +103,16 @@ def step_flops(graph, inputs) -> int:
     return counter.get_total_flops()
 
 
-def ours(qmodel, fp, settings, folded, images, device, mem):
+def our_reconstructor(qmodel, fp, settings, folded, device) -> Reconstructor:
+    """Our engine on the plain partition (one unit per group), as the timed run and the warm-up use it."""
     partition = pipeline.build_partition(settings, folded, qmodel)
     groups = groups_from_spans([], len(partition.units))
-    recon = Reconstructor(qmodel, fp, partition, groups, settings.recon, device, settings.seed, progress=False)
+    return Reconstructor(qmodel, fp, partition, groups, settings.recon, device, settings.seed, progress=False)
+
+
+def ours(qmodel, fp, settings, folded, images, device, mem):
+    recon = our_reconstructor(qmodel, fp, settings, folded, device)
+    groups = recon.groups
     per_unit = []
     mem.reset()
     t = time.perf_counter()
@@ -178,15 +184,13 @@ def warm_up(engines, calibrated, fp, settings, folded, images, device, iteration
     for engine in engines:
         q = copy.deepcopy(calibrated)
         if engine == 'ours':
-            partition = pipeline.build_partition(settings, folded, q)
-            groups = groups_from_spans([], len(partition.units))
-            Reconstructor(q, fp, partition, groups, settings.recon, device, settings.seed, progress=False).run(images)
+            our_reconstructor(q, fp, settings, folded, device).run(images)
         else:
             mqbench_reconstruct(q, images, settings.recon, settings.seed, device)
 
 
 def bench_seed(args, seed, warm: bool):
-    """Both engines from one calibrated model for one seed; returns the rows and the settings."""
+    """Both engines from one calibrated model for one seed; returns the rows and the device."""
     overrides = [f'quantize.reconstruction.iterations={args.iters}', f'quantize.reconstruction.prob={args.prob}',
                  'mrecg.metric=none', 'mrecg.k=0', 'mrecg.scheme=null', *args.set]
     if seed is not None:
