@@ -4,8 +4,9 @@ They compute the same function and gradients as the MQBench modules they wrap, a
 parameters (``alpha``, activation ``scale``), so hardening, saving and evaluation still go through MQBench.
 What changes is the cost of one optimisation step. On the CPU the step is made of small tensors, where
 torch's float arithmetic is vectorised but its boolean kernels are not: on a 32x192x4x4 tensor (2 cores)
-``mul`` takes 19 us, ``masked_fill`` 258 us, ``where`` 179 us, ``fake_quantize_per_tensor_affine`` 562 us,
-a comparison 39 us. So everything here is float arithmetic:
+``mul`` takes 16 us, ``masked_fill`` 388 us, ``where`` 382 us, ``fake_quantize_per_tensor_affine`` 1093 us,
+a comparison 67 us (``scripts/bench_kernels.py`` prints these and the figures below). So everything here is
+float arithmetic:
 
 - activation fake-quant (``_QDropQuantize``): MQBench's own float ops (x / s, round, + zp, clamp, - zp, * s)
   in one autograd node, whose forward also forms the two derivatives as float tensors, so the backward is
@@ -20,7 +21,7 @@ a comparison 39 us. So everything here is float arithmetic:
   (its value is never used), and no gradient is computed for the float weights, biases or BN (MQBench
   back-propagates into the float weight through ``floor`` every step, only to get zeros);
 - depthwise convolutions on maps of 2x2 or smaller run as one small matrix per channel (``bmm``): oneDNN's
-  depthwise kernel takes 2.0 ms forward + backward on 32x288x2x2, the matrices 0.4 ms.
+  depthwise kernel takes 3.0 ms forward + backward on 32x288x2x2, the matrices 2.1 ms.
 """
 from typing import Dict, Optional, Tuple
 
@@ -238,7 +239,7 @@ class FastAdaRoundLayer(nn.Module):
         layer = self.layer
         if isinstance(layer, nn.Linear):
             return F.linear(x, w, layer.bias)
-        if self.depthwise:  # oneDNN's depthwise kernel is slow on tiny maps: 2 ms vs 0.4 ms as matrices at 2x2
+        if self.depthwise:  # oneDNN's depthwise kernel is slow on tiny maps: 3.0 ms vs 2.1 ms as matrices at 2x2
             key = tuple(x.shape[2:])
             if key not in self.plans:
                 self.plans[key] = _dense_depthwise_plan(layer, key[0], key[1], x.device)

@@ -86,6 +86,19 @@ def test_sweep_then_collect_on_digits(tmp_path):
     assert '| MRECG(ModCap, k=2)+QDrop |' in curves
 
 
+def test_kernel_benchmark_prints_every_figure():
+    run = _script('bench_kernels.py', '--threads', '1', '--min-time', '0.01')
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    for head, count in [('32x192x4x4', 5), ('QDrop mask', 3), ('AdaRound soft weight', 2), ('|t|^8', 2),
+                        ('depthwise 3x3 conv', 2)]:
+        line = next(line for line in lines if line.startswith(head))
+        figures = [float(part.split()[-1]) for part in line.split('): ')[1].split(', ')]
+        assert len(figures) == count and all(f > 0 for f in figures), line
+    bad = _script('bench_kernels.py', '--min-time', '0')
+    assert bad.returncode == 2 and bad.stderr.strip() == 'error: --threads must be >= 1 and --min-time > 0'
+
+
 def test_reconstruction_benchmark_bad_input_is_one_line():
     run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--set',
                   'model.path=models/checkpoints/nope.pth')
