@@ -14,10 +14,10 @@ import torch
 import torch.fx as fx
 from easydict import EasyDict
 
-from mrecg.reconstruction import ReconSettings
+from mrecg.config import ReconstructionConfig
 
 
-def mqbench_reconstruct(qmodel: fx.GraphModule, images: torch.Tensor, settings: ReconSettings, seed: int,
+def mqbench_reconstruct(qmodel: fx.GraphModule, images: torch.Tensor, settings: ReconstructionConfig, seed: int,
                         device: torch.device, on_unit_done: Optional[Callable[[], None]] = None) -> fx.GraphModule:
     """Reconstruct a calibrated prepared model with MQBench; returns MQBench's quantized model."""
     import mqbench.advanced_ptq as adv

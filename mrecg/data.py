@@ -1,45 +1,55 @@
-"""Datasets, calibration sampling and evaluation loaders. Nothing is ever downloaded.
+"""Data: the built-in datasets, ImageFolder, user factories, and whatever the Python API is handed.
 
-- ``imagenet``: ImageFolder ``{path}/train`` and ``{path}/val``; val = Resize(test_resize, short side) ->
-  CenterCrop(input_size) -> ImageNet mean/std; calibration images from train, drawn with the run's seed,
-  with the train transform (RandomResizedCrop + flip, seeded) or the val one (``cali_transform``).
+Sources (``data.type``), each giving map-style datasets of ``(image tensor, label)``:
+
+- ``imagenet`` / ``imagefolder``: ``{path}/train`` and ``{path}/val`` in ImageFolder layout; val = Resize
+  (``test_resize``, short side) -> CenterCrop(``input_size``) -> ``mean``/``std``; calibration images from
+  train with the train transform (RandomResizedCrop + flip, seeded) or the val one (``cali_transform``).
+  ``imagefolder`` without a ``val/`` folder quantizes without evaluation.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits, a fixed seeded 1297/500 train/test split.
 - ``fashion_mnist``: Zalando's 60k/10k 28x28 images, read from the four idx files of Debian's
   ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``) or from ``data.path``.
+- a factory ``package.module:make`` or ``path/to/file.py:make``, called as ``make(split, **data.kwargs)``
+  with split ``train`` (calibration) or ``val`` (evaluation; ``None`` = no evaluation).
+
+Nothing is ever downloaded. Calibration images are drawn with the run's seed, so the same seed gives the
+same images (and crops).
 """
+import contextlib
 import gzip
 import os
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
+from mrecg.config import DataConfig
 from mrecg.errors import UserError
+from mrecg.imports import first_line, import_object, is_import_path
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
-                 'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+                 'val': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
 DIGITS_TEST = 500
+FOLDER_TYPES = ('imagenet', 'imagefolder')
 
 
-@dataclass(frozen=True)
-class DataSettings:
-    type: str
-    path: Optional[str]
-    batch_size: int
-    num_workers: int = 0
-    pin_memory: bool = False
-    input_size: int = 224
-    test_resize: int = 256
-    cali_transform: str = 'train'
-    split_seed: int = 0
-    eval_limit: Optional[int] = None
+class TensorData(Dataset):
+    """Images and labels already in memory; batches are slices (no per-item collation)."""
+
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i] if self.labels is None else (self.images[i], self.labels[i])
 
 
-# ---- tensor datasets (digits, Fashion-MNIST) --------------------------------------------------------
-def _digits(split: str, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+# ---- built-in tensor datasets ------------------------------------------------------------------------
+def digits(split: str, seed: int) -> TensorData:
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -48,11 +58,7 @@ def _digits(split: str, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     train, test = perm[DIGITS_TEST:], perm[:DIGITS_TEST]
     mean, std = x[train].mean(), x[train].std()
     idx = train if split == 'train' else test
-    return (x[idx] - mean) / std, y[idx]
-
-
-def fashion_mnist_dir(path: Optional[str]) -> str:
-    return path or FASHION_MNIST_DIR
+    return TensorData((x[idx] - mean) / std, y[idx])
 
 
 def _idx_file(folder: str, stem: str) -> str:
@@ -65,80 +71,161 @@ def _idx_file(folder: str, stem: str) -> str:
 
 def _read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    try:
+        with opener(path, 'rb') as f:
+            raw = f.read()
+        ndim = raw[3]
+        dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, EOFError, IndexError, ValueError) as exc:
+        raise UserError(f'cannot read {path}: {first_line(exc)} (a truncated or foreign file?)') from None
 
 
-def _fashion_mnist(split: str, folder: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    images, labels = (_read_idx(_idx_file(folder, f)) for f in FASHION_FILES[split])
+def fashion_mnist(split: str, folder: Optional[str]) -> TensorData:
+    images, labels = (_read_idx(_idx_file(folder or FASHION_MNIST_DIR, f)) for f in FASHION_FILES[split])
     x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
-    return (x - 0.2860) / 0.3530, torch.from_numpy(labels.astype(np.int64))
+    return TensorData((x - 0.2860) / 0.3530, torch.from_numpy(labels.astype(np.int64)))
 
 
-def tensor_split(settings: DataSettings, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    if settings.type == 'digits':
-        return _digits(split, settings.split_seed)
-    return _fashion_mnist(split, fashion_mnist_dir(settings.path))
-
-
-# ---- ImageNet -----------------------------------------------------------------------------------------
-def _imagenet_transform(settings: DataSettings, train: bool):
+# ---- folders and factories ---------------------------------------------------------------------------
+def folder_transform(cfg: DataConfig, train: bool):
     import torchvision.transforms as T
-    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    norm = T.Normalize(cfg.mean, cfg.std)
     if train:
-        return T.Compose([T.RandomResizedCrop(settings.input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    return T.Compose([T.Resize(settings.test_resize), T.CenterCrop(settings.input_size), T.ToTensor(), norm])
+        return T.Compose([T.RandomResizedCrop(cfg.input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    return T.Compose([T.Resize(cfg.test_resize), T.CenterCrop(cfg.input_size), T.ToTensor(), norm])
 
 
-def _imagenet_folder(settings: DataSettings, split: str, train_transform: bool):
+def image_folder(cfg: DataConfig, split: str, train_transform: bool) -> Optional[Dataset]:
     import torchvision.datasets as D
-    return D.ImageFolder(os.path.join(settings.path, split), _imagenet_transform(settings, train_transform))
+    folder = os.path.join(cfg.path, split)
+    if not os.path.isdir(folder):
+        return None
+    try:
+        return D.ImageFolder(folder, folder_transform(cfg, train_transform))
+    except (FileNotFoundError, OSError) as exc:
+        raise UserError(f'cannot use {folder} as an image folder: {first_line(exc)}') from None
 
 
-def check_data(settings: DataSettings) -> None:
+def from_factory(cfg: DataConfig, split: str) -> Optional[Dataset]:
+    make = import_object(cfg.type, 'data.type')
+    try:
+        ds = make(split, **cfg.kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f'data factory {cfg.type}({split!r}) raised {type(exc).__name__}: {first_line(exc)}') \
+            from None
+    if ds is None:
+        return None
+    if not (hasattr(ds, '__getitem__') and hasattr(ds, '__len__')):
+        raise UserError(f'data factory {cfg.type}({split!r}) returned {type(ds).__name__}: it must return a '
+                        'map-style Dataset (with __getitem__ and __len__) of (image tensor, label)')
+    return ds
+
+
+def dataset(cfg: DataConfig, split: str) -> Optional[Dataset]:
+    """The ``train`` (calibration) or ``val`` (evaluation) dataset of the config; None when there is none."""
+    if cfg.type == 'digits':
+        return digits(split, cfg.split_seed)
+    if cfg.type == 'fashion_mnist':
+        return fashion_mnist(split, cfg.path)
+    if cfg.type in FOLDER_TYPES:
+        return image_folder(cfg, split, split == 'train' and cfg.cali_transform == 'train')
+    return from_factory(cfg, split)
+
+
+def check_data(cfg: DataConfig) -> None:
     """Fail fast, before any heavy work, when the dataset is not where the config says."""
-    if settings.type == 'imagenet':
-        if not settings.path:
-            raise UserError('data.path is not set: point it at the ImageNet folder holding train/ and val/')
-        for split in ('train', 'val'):
-            folder = os.path.join(settings.path, split)
+    if cfg.type in FOLDER_TYPES:
+        if not cfg.path:
+            raise UserError(f'data.path is not set: point it at the {cfg.type} folder holding train/ and val/')
+        required = ('train', 'val') if cfg.type == 'imagenet' and cfg.evaluate else ('train',)
+        for split in required:
+            folder = os.path.join(cfg.path, split)
             if not os.path.isdir(folder):
-                raise UserError(f'ImageNet folder not found: {folder} (data.path must hold train/ and val/)')
-    elif settings.type == 'fashion_mnist':
-        folder = fashion_mnist_dir(settings.path)
+                name = 'ImageNet' if cfg.type == 'imagenet' else 'image'
+                raise UserError(f'{name} folder not found: {folder} (data.path must hold train/ and val/)')
+    elif cfg.type == 'fashion_mnist':
         for stems in FASHION_FILES.values():
             for stem in stems:
-                _idx_file(folder, stem)
+                _idx_file(cfg.path or FASHION_MNIST_DIR, stem)
+    elif is_import_path(cfg.type):
+        import_object(cfg.type, 'data.type')
 
 
-TRAIN_SIZES = {'digits': 1797 - DIGITS_TEST, 'fashion_mnist': 60000}
+def check_items(ds: Dataset, what: str, labelled: bool) -> None:
+    """Read the first item and check its form: ``(image tensor C x H x W, label)`` (a bare tensor is enough
+    for calibration)."""
+    if len(ds) == 0:
+        raise UserError(f'{what} is empty')
+    with reading(f'{what} item 0'):
+        item = ds[0]
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise UserError(f'{what} items must be (image tensor of shape C x H x W, float, label); item 0 holds {got}')
+    if labelled and not (isinstance(item, (tuple, list)) and len(item) >= 2):
+        raise UserError(f'{what} items must be (image tensor, label) pairs for evaluation; item 0 has no label')
 
 
-def check_calibration_size(settings: DataSettings, size: int, available: Optional[int] = None) -> None:
-    available = available if available is not None else TRAIN_SIZES.get(settings.type)
-    if available is not None and size > available:
-        raise UserError(f'quantize.cali_size is {size} but the {settings.type} training split has {available} images')
+@contextlib.contextmanager
+def reading(what: str):
+    """Turn a failure inside the user's data (a corrupt image, a factory's __getitem__ raising) into one line."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise UserError(f'cannot read {what}: {type(exc).__name__}: {first_line(exc)}') from None
 
 
+# ---- calibration images from anything ----------------------------------------------------------------
+CalibData = Union[torch.Tensor, Dataset, DataLoader]
 
-def calibration_images(settings: DataSettings, size: int, seed: int) -> torch.Tensor:
-    """``size`` training images drawn with ``seed`` (the same seed gives the same images and crops)."""
+
+def calibration_images(data: CalibData, size: int, seed: int, batch_size: int = 256,
+                       num_workers: int = 0) -> torch.Tensor:
+    """``size`` images from ``data`` (a tensor N x C x H x W, a map-style Dataset or a DataLoader), drawn with
+    ``seed`` (a DataLoader gives its first ``size`` images, in its order)."""
+    if isinstance(data, DataLoader):
+        return _from_loader(data, size)
+    if isinstance(data, torch.Tensor):
+        data = TensorData(data)
+    if not (hasattr(data, '__getitem__') and hasattr(data, '__len__')):
+        raise UserError(f'calibration data must be a tensor of images, a Dataset or a DataLoader, '
+                        f'got {type(data).__name__}')
+    if size > len(data):
+        raise UserError(f'quantize.cali_size is {size} but the calibration data has {len(data)} images')
     gen = torch.Generator().manual_seed(seed)
-    if settings.type != 'imagenet':
-        x, _ = tensor_split(settings, 'train')
-        check_calibration_size(settings, size, len(x))
-        return x[torch.randperm(len(x), generator=gen)[:size]].clone()
-    from torch.utils.data import DataLoader, Subset
-    ds = _imagenet_folder(settings, 'train', settings.cali_transform == 'train')
-    check_calibration_size(settings, size, len(ds))
-    subset = Subset(ds, torch.randperm(len(ds), generator=gen)[:size].tolist())
-    loader = DataLoader(subset, batch_size=settings.batch_size, shuffle=False, num_workers=settings.num_workers,
-                        generator=gen, worker_init_fn=_seed_worker)
-    from tqdm import tqdm
-    return torch.cat([x for x, _ in tqdm(loader, desc='calibration images', leave=False)])
+    index = torch.randperm(len(data), generator=gen)[:size]
+    if isinstance(data, TensorData):
+        return data.images[index].clone()
+    loader = DataLoader(torch.utils.data.Subset(data, index.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, generator=gen, worker_init_fn=_seed_worker)
+    with torch.random.fork_rng(devices=[]), reading('calibration data'):
+        torch.manual_seed(seed)  # random crops in this process (num_workers = 0) follow the seed too
+        return torch.cat([_images_of(batch) for batch in loader])
+
+
+def _from_loader(loader: DataLoader, size: int) -> torch.Tensor:
+    chunks, have = [], 0
+    with reading('calibration data'):
+        for batch in loader:
+            chunks.append(_images_of(batch))
+            have += len(chunks[-1])
+            if have >= size:
+                break
+    if have < size:
+        raise UserError(f'quantize.cali_size is {size} but the calibration DataLoader gave {have} images')
+    return torch.cat(chunks)[:size]
+
+
+def _images_of(batch: Any) -> torch.Tensor:
+    images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise UserError('calibration batches must hold images as an N x C x H x W tensor (or (images, labels))')
+    return images.float()
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -149,23 +236,32 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def eval_batches(settings: DataSettings, device: torch.device) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
-    """Test/val batches (at most ``eval_limit`` images), pinned when they go to a GPU."""
-    if settings.type != 'imagenet':
-        x, y = tensor_split(settings, 'test')
-        if settings.eval_limit:
-            x, y = x[:settings.eval_limit], y[:settings.eval_limit]
-        return _TensorBatches(x, y, settings.batch_size)
-    from torch.utils.data import DataLoader, Subset
-    ds = _imagenet_folder(settings, 'val', False)
-    if settings.eval_limit:
-        ds = Subset(ds, range(min(settings.eval_limit, len(ds))))
-    return DataLoader(ds, batch_size=settings.batch_size, shuffle=False, num_workers=settings.num_workers,
-                      pin_memory=settings.pin_memory and device.type == 'cuda',
-                      persistent_workers=False)
+# ---- evaluation batches from anything ----------------------------------------------------------------
+EvalData = Union[Dataset, DataLoader, Tuple[torch.Tensor, torch.Tensor]]
 
 
-class _TensorBatches:
+def eval_batches(data: EvalData, batch_size: int = 256, limit: Optional[int] = None, num_workers: int = 0,
+                 pin_memory: bool = False) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    """Labelled batches: at most ``limit`` images of a Dataset or an (images, labels) pair; a DataLoader is
+    used as it is."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        data = TensorData(*data)
+    if isinstance(data, TensorData):
+        x, y = data.images, data.labels
+        if y is None:
+            raise UserError('evaluation data needs labels: pass (images, labels)')
+        return TensorBatches(x[:limit] if limit else x, y[:limit] if limit else y, batch_size)
+    if not (hasattr(data, '__getitem__') and hasattr(data, '__len__')):
+        raise UserError(f'evaluation data must be a Dataset, a DataLoader or (images, labels), '
+                        f'got {type(data).__name__}')
+    if limit:
+        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+
+
+class TensorBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
         self.x, self.y, self.batch_size = x, y, batch_size
 
@@ -175,3 +271,15 @@ class _TensorBatches:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.x), self.batch_size):
             yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+
+
+def sample_input(data: Union[CalibData, Sequence]) -> Optional[torch.Tensor]:
+    """One image batch of shape 1 x C x H x W from the calibration data (for shape checks), or None."""
+    if isinstance(data, torch.Tensor):
+        return data[:1]
+    if isinstance(data, DataLoader):
+        return None
+    with reading('calibration data item 0'):
+        item = data[0]
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    return image.unsqueeze(0) if isinstance(image, torch.Tensor) else None

@@ -17,7 +17,7 @@ float arithmetic:
   element (resolution 1/256) through a 256-entry table. Mixing is ``lerp``, exact at weights 0 and 1;
 - AdaRound: ``floor(W / s)`` is fixed while a unit is optimised, so it is computed once, and so is where the
   rounded level sits strictly inside the grid (wherever a gradient flows the soft part h is in (0, 1), so
-  only the floor decides); the regulariser's gradient is added analytically in ``_AdaRoundWeight``'s backward
+  only the floor decides); the regulariser's gradient is added analytically in ``AdaRoundWeight``'s backward
   (its value is never used), and no gradient is computed for the float weights, biases or BN (MQBench
   back-propagates into the float weight through ``floor`` every step, only to get zeros);
 - depthwise convolutions on maps of 2x2 or smaller run as one small matrix per channel (``bmm``): oneDNN's
@@ -132,7 +132,7 @@ class FastActQuant(nn.Module):
         return _QDropQuantize.apply(x, q.scale, self.zero_point, self.qmin, self.qmax, keep)
 
 
-class _AdaRoundWeight(torch.autograd.Function):
+class AdaRoundWeight(torch.autograd.Function):
     """AdaRound's soft-rounded weight with the rounding regulariser's gradient folded into the backward.
 
     h = clamp(1.2 sigmoid(alpha) - 0.1, 0, 1);  w = (clamp(floor(W/s) + zp + h, qmin, qmax) - zp) * s
@@ -177,7 +177,7 @@ class _AdaRoundWeight(torch.autograd.Function):
 DENSE_DEPTHWISE_MAX = 16  # 2x2 maps and smaller: at 4x4 the conv kernel is as fast (measured, digits model)
 
 
-def _dense_depthwise_plan(layer: nn.Conv2d, height: int, width: int, device: torch.device):
+def dense_depthwise_plan(layer: nn.Conv2d, height: int, width: int, device: torch.device):
     """For a depthwise conv on a tiny feature map: for every (output, input) position pair the kernel tap that
     links them (k*k where none does), so that the conv is one batched matrix product per channel. None where
     that matrix would be large (more than ``DENSE_DEPTHWISE_MAX`` entries)."""
@@ -196,7 +196,7 @@ def _dense_depthwise_plan(layer: nn.Conv2d, height: int, width: int, device: tor
     return index.view(-1).to(device), out_h, out_w
 
 
-def _depthwise_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan) -> torch.Tensor:
+def depthwise_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan) -> torch.Tensor:
     index, out_h, out_w = plan
     n, c, h, w = x.shape
     taps = torch.cat([weight.reshape(c, -1), weight.new_zeros(c, 1)], 1)
@@ -210,7 +210,7 @@ def _depthwise_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 class FastAdaRoundLayer(nn.Module):
-    """A conv/linear whose weight goes through ``_AdaRoundWeight`` (floor(W/s) + zp precomputed per unit).
+    """A conv/linear whose weight goes through ``AdaRoundWeight`` (floor(W/s) + zp precomputed per unit).
     Set ``reg_weight`` and ``beta`` before each step; 0 during warm-up."""
 
     def __init__(self, layer: nn.Module):
@@ -234,7 +234,7 @@ class FastAdaRoundLayer(nn.Module):
         self.plans = {}
 
     def forward(self, x):
-        w = _AdaRoundWeight.apply(self.layer.weight_fake_quant.alpha, self.floor_zp, self.scale, self.zero_point,
+        w = AdaRoundWeight.apply(self.layer.weight_fake_quant.alpha, self.floor_zp, self.scale, self.zero_point,
                                   self.grad_gain, self.qmin, self.qmax, self.reg_weight, self.beta)
         layer = self.layer
         if isinstance(layer, nn.Linear):
@@ -242,7 +242,7 @@ class FastAdaRoundLayer(nn.Module):
         if self.depthwise:  # oneDNN's depthwise kernel is slow on tiny maps: 3.0 ms vs 2.1 ms as matrices at 2x2
             key = tuple(x.shape[2:])
             if key not in self.plans:
-                self.plans[key] = _dense_depthwise_plan(layer, key[0], key[1], x.device)
+                self.plans[key] = dense_depthwise_plan(layer, key[0], key[1], x.device)
             if self.plans[key] is not None:
-                return _depthwise_dense(x, w, layer.bias, self.plans[key])
+                return depthwise_dense(x, w, layer.bias, self.plans[key])
         return layer._conv_forward(x, w, layer.bias)

@@ -12,7 +12,6 @@ Groups can also be given explicitly by module names (``mrecg.scheme``); the auth
 ship as ``PUBLISHED_SCHEMES`` (``mrecg.scheme: authors``).
 """
 import ast
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mrecg.units import BaseUnit, module_owner
@@ -35,23 +34,6 @@ AUTHORS_SCHEME_STRINGS = {
 }
 
 Span = Tuple[int, int]
-
-
-@dataclass(frozen=True)
-class GroupingSettings:
-    metric: str = 'none'  # none | modcap | loss
-    k: int = 0
-    lam: Optional[float] = None
-    max_group_size: Optional[int] = None
-    stride_penalty: float = 0.5
-
-    def __post_init__(self):
-        if self.metric not in ('none', 'modcap', 'loss'):
-            raise ValueError(f'metric must be none, modcap or loss, got {self.metric!r}')
-        if self.k < 0:
-            raise ValueError('k must be >= 0')
-        if self.max_group_size is not None and self.max_group_size < 2:
-            raise ValueError('max_group_size must be >= 2')
 
 
 def pair_scores(metric: Sequence[float]) -> List[float]:

@@ -7,8 +7,9 @@ and 8-bit inputs, and leaves BN in float. BRECQ and QDrop fold BN into the conv 
 that by default (``quantize.fold_bn``) and record the choice with every result.
 """
 import logging
-from dataclasses import dataclass
-from typing import Dict
+import fnmatch
+import sys
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -21,59 +22,15 @@ set_log_level(logging.WARNING)  # MQBench logs every inserted node at INFO on st
 from mqbench.fake_quantize.adaround_quantizer import AdaRoundFakeQuantize  # noqa: E402
 from mqbench.fake_quantize.qdrop_quantizer import QDropFakeQuantize  # noqa: E402
 from mqbench.prepare_by_platform import BackendType, prepare_by_platform  # noqa: E402
+from mrecg.config import LayerBits, QuantizeConfig  # noqa: E402
+from mrecg.errors import UserError  # noqa: E402
+from mrecg.tracing import check_traceable, trace_error  # noqa: E402
 from mqbench.utils.state import (disable_all, enable_calibration_woquantization,  # noqa: E402,F401
                                  enable_quantization)
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 ACT_QUANT_SUFFIX = '_post_act_fake_quantizer'
 OBSERVERS = ('MinMaxObserver', 'EMAMinMaxObserver', 'MSEObserver', 'EMAMSEObserver', 'EMAQuantileObserver')
-WEIGHT_QUANTIZERS = ('AdaRoundFakeQuantize',)
-ACT_QUANTIZERS = ('QDropFakeQuantize',)
-
-
-@dataclass(frozen=True)
-class QuantizerSpec:
-    """One quantizer family (weights or activations). Validates itself; errors name the field."""
-    bit: int
-    quantizer: str
-    observer: str
-    symmetric: bool = False
-    per_channel: bool = False
-    pot_scale: bool = False
-    p: float = 2.0  # the Lp norm of the MSE observers' clipping search (the authors use 2.4)
-
-    def __post_init__(self):
-        if not 2 <= self.bit <= 8:
-            raise ValueError(f'bit must be in 2..8, got {self.bit}')
-        if self.observer not in OBSERVERS:
-            raise ValueError(f'observer must be one of {", ".join(OBSERVERS)}, got {self.observer!r}')
-        if self.p <= 0:
-            raise ValueError(f'p must be > 0, got {self.p}')
-
-    def qscheme(self) -> Dict:
-        scheme = dict(bit=self.bit, symmetry=self.symmetric, per_channel=self.per_channel, pot_scale=self.pot_scale)
-        if self.observer in ('MSEObserver', 'EMAMSEObserver'):
-            scheme['p'] = self.p
-        return scheme
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    weight: QuantizerSpec
-    act: QuantizerSpec
-    fold_bn: bool = True
-
-    def __post_init__(self):
-        if self.weight.quantizer not in WEIGHT_QUANTIZERS:
-            raise ValueError(f'w_qconfig.quantizer must be one of {WEIGHT_QUANTIZERS}, got {self.weight.quantizer!r}')
-        if self.act.quantizer not in ACT_QUANTIZERS:
-            raise ValueError(f'a_qconfig.quantizer must be one of {ACT_QUANTIZERS}, got {self.act.quantizer!r}')
-
-    def mqbench_prepare_dict(self) -> Dict:
-        return {'extra_qconfig_dict': {
-            'w_observer': self.weight.observer, 'a_observer': self.act.observer,
-            'w_fakequantize': self.weight.quantizer, 'a_fakequantize': self.act.quantizer,
-            'w_qscheme': self.weight.qscheme(), 'a_qscheme': self.act.qscheme()}}
 
 
 def fold_bn(model: nn.Module) -> int:
@@ -82,7 +39,7 @@ def fold_bn(model: nn.Module) -> int:
     The BN module is replaced by ``nn.Identity`` so module names, and with them checkpoint names and unit
     partitions, stay valid. Returns the number of folded pairs.
     """
-    graph = fx.symbolic_trace(model).graph
+    graph = check_traceable(model).graph
     modules = dict(model.named_modules())
     calls = {}
     for node in graph.nodes:
@@ -111,13 +68,19 @@ def fold_bn(model: nn.Module) -> int:
     return folded
 
 
-def prepare_model(model: nn.Module, settings: QuantSettings) -> fx.GraphModule:
-    """Insert MQBench fake-quant nodes (academic backend). ``model`` must be in eval mode and BN-folded
-    already if folding is wanted. Returns the prepared GraphModule with observers and quantizers off."""
+def prepare_model(model: nn.Module, settings: QuantizeConfig) -> fx.GraphModule:
+    """Insert MQBench fake-quant nodes (academic backend), then apply ``settings.layer_bits``. ``model``
+    must be BN-folded already if folding is wanted. Returns the prepared GraphModule with observers and
+    quantizers off. A model MQBench cannot trace is a ``UserError`` naming the module that stopped it."""
     model.eval()
-    prepared = prepare_by_platform(model, BackendType.Academic, settings.mqbench_prepare_dict())
+    check_traceable(model)
+    try:
+        prepared = prepare_by_platform(model, BackendType.Academic, settings.mqbench_prepare_dict())
+    except Exception as exc:
+        raise trace_error(model, exc, sys.exc_info()[2], 'MQBench') from None
     prepared.eval()
     disable_all(prepared)
+    apply_layer_bits(prepared, settings.layer_bits, settings.w_qconfig.symmetric, settings.a_qconfig.symmetric)
     return prepared
 
 
@@ -184,3 +147,73 @@ def is_adaround_layer(module: nn.Module) -> bool:
     return isinstance(module, WEIGHT_LAYERS) and isinstance(getattr(module, 'weight_fake_quant', None),
                                                           AdaRoundFakeQuantize)
 
+
+
+# ---- per-layer bit-widths --------------------------------------------------------------------------------
+def set_bits(fake_quant: nn.Module, bit: int, symmetric: bool) -> None:
+    """Give an MQBench fake quantizer (and its observer) a new bit-width, before calibration."""
+    qmin, qmax = (-2 ** (bit - 1), 2 ** (bit - 1) - 1) if symmetric else (0, 2 ** bit - 1)
+    for m in (fake_quant, fake_quant.activation_post_process):
+        m.quant_min, m.quant_max = qmin, qmax
+    fake_quant.bitwidth = bit
+
+
+def weight_layer_names(prepared: fx.GraphModule) -> List[str]:
+    return [name for name, m in prepared.named_modules() if is_adaround_layer(m)]
+
+
+def input_quantizers(prepared: fx.GraphModule) -> Dict[str, List[str]]:
+    """For every conv/linear, the activation quantizers that feed it (MQBench quantizes layer inputs)."""
+    modules = dict(prepared.named_modules())
+    feeds: Dict[str, List[str]] = {}
+    for node in prepared.graph.nodes:
+        if node.op == 'call_module' and is_adaround_layer(modules[node.target]):
+            feeds[node.target] = [a.target for a in node.all_input_nodes
+                                  if a.op == 'call_module' and a.target.endswith(ACT_QUANT_SUFFIX)]
+    return feeds
+
+
+def resolve_layer_bits(layer_names: Sequence[str], rules: Sequence[LayerBits]) -> Dict[str, Tuple]:
+    """layer -> (w_bit or None, a_bit or None) from the rules, later rules winning; a pattern that matches no
+    conv/linear is an error (a typo would otherwise change nothing)."""
+    chosen: Dict[str, List] = {}
+    for i, rule in enumerate(rules):
+        for pattern in rule.modules:
+            hits = [n for n in layer_names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise UserError(f'quantize.layer_bits[{i}]: {pattern!r} matches no conv/linear layer '
+                                f'(layers: {", ".join(layer_names[:6])}{", ..." if len(layer_names) > 6 else ""})')
+            for name in hits:
+                entry = chosen.setdefault(name, [None, None])
+                entry[0] = rule.w_bit if rule.w_bit is not None else entry[0]
+                entry[1] = rule.a_bit if rule.a_bit is not None else entry[1]
+    return {k: tuple(v) for k, v in chosen.items()}
+
+
+def apply_layer_bits(prepared: fx.GraphModule, rules: Sequence[LayerBits], w_symmetric: bool,
+                     a_symmetric: bool) -> None:
+    """Apply ``quantize.layer_bits``. An activation quantizer feeding several layers takes the highest
+    ``a_bit`` asked for any of them (one tensor can have one bit-width)."""
+    if not rules:
+        return
+    modules = dict(prepared.named_modules())
+    feeds = input_quantizers(prepared)
+    act_bits: Dict[str, int] = {}
+    for name, (w_bit, a_bit) in resolve_layer_bits(weight_layer_names(prepared), rules).items():
+        if w_bit is not None:
+            set_bits(modules[name].weight_fake_quant, w_bit, w_symmetric)
+        if a_bit is not None:
+            for q in feeds.get(name, []):
+                act_bits[q] = max(a_bit, act_bits.get(q, 0))
+    for q, bit in act_bits.items():
+        set_bits(modules[q], bit, a_symmetric)
+
+
+def layer_bit_table(prepared: fx.GraphModule) -> Dict[str, Tuple[int, int]]:
+    """Every conv/linear's (weight bits, input bits) as quantized: what ModCap counts and results report."""
+    modules = dict(prepared.named_modules())
+    table = {}
+    for name, quants in input_quantizers(prepared).items():
+        a_bits = [quantizer_bits(modules[q]) for q in quants]
+        table[name] = (quantizer_bits(modules[name].weight_fake_quant), max(a_bits) if a_bits else None)
+    return table

@@ -27,39 +27,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mrecg.config import ReconstructionConfig
 from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, keep_mask
 from mrecg.quantization import harden_adaround, init_adaround, is_act_quantizer, is_adaround_layer
 from mrecg.units import Group, UnitPartition, liveness
 
 log = logging.getLogger('mrecg')
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ReconSettings:
-    """Hyper-parameters of one reconstruction run (the authors' values are the defaults of the configs)."""
-    iterations: int
-    batch_size: int
-    lr: float = 1e-3
-    scale_lr: float = 4e-5
-    weight: float = 0.01
-    b_range: Sequence[float] = (20.0, 2.0)
-    warm_up: float = 0.2
-    prob: float = 0.5
-    cache_device: str = 'auto'
-    cache_dtype: str = 'float32'
-    chunk_size: int = 256
-    log_every: int = 50
-
-    def __post_init__(self):
-        if self.iterations < 0 or self.batch_size <= 0 or self.chunk_size <= 0:
-            raise ValueError('iterations must be >= 0 and batch_size, chunk_size > 0')
-        if not 0 < self.prob <= 1:
-            raise ValueError(f'prob must be in (0, 1], got {self.prob}')
-        if self.cache_dtype not in DTYPES:
-            raise ValueError(f'cache_dtype must be one of {list(DTYPES)}')
-        if self.cache_device not in ('auto', 'cpu', 'device'):
-            raise ValueError("cache_device must be 'auto', 'cpu' or 'device'")
 
 
 @dataclass
@@ -73,6 +47,26 @@ class GroupResult:
     iters: int
     seconds: float
     warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Training:
+    """The state of one group's optimisation (see ``Reconstructor._start_group``)."""
+    graph: fx.GraphModule
+    weight_layers: List[torch.nn.Module]
+    fast_layers: List[torch.nn.Module]
+    act_quants: List[torch.nn.Module]
+    params: List[torch.Tensor]
+    good: List[torch.Tensor]
+    optimiser: torch.optim.Optimizer
+    schedule: object
+    gen: torch.Generator
+    mask_gen: torch.Generator
+    inputs: List[str]
+    targets: List[str]
+    mixed: List[bool]
+    n: int
+    batch_size: int
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -101,12 +95,15 @@ class Reconstructor:
     a prepared copy with every quantizer off, so its sub-graphs give the float stream.
     """
 
+    LOG_EVERY = 50  # iterations per loss window (the progress bar's number and the non-finite check)
+
     def __init__(self, qmodel: fx.GraphModule, fp_model: fx.GraphModule, partition: UnitPartition,
-                 groups: List[Group], settings: ReconSettings, device: torch.device, seed: int,
-                 progress: bool = True, loss_fn: Callable = lp_loss):
+                 groups: List[Group], settings: ReconstructionConfig, device: torch.device, seed: int,
+                 progress: bool = True, loss_fn: Callable = lp_loss, chunk_size: int = 256):
         self.qmodel, self.fp_model, self.partition, self.groups = qmodel, fp_model, partition, groups
         self.settings, self.device, self.seed, self.progress = settings, device, seed, progress
-        self.loss_fn = loss_fn
+        self.iterations = settings.iterations if settings.enabled else 0
+        self.loss_fn, self.chunk_size = loss_fn, chunk_size
         self.cache_device = torch.device('cpu') if settings.cache_device == 'cpu' else device
         self.cache_dtype = DTYPES[settings.cache_dtype]
         self.last_use = liveness(partition, groups)
@@ -147,8 +144,8 @@ class Reconstructor:
               sink: Callable[[int, Sequence[torch.Tensor]], None]) -> None:
         """Run ``graph`` over the whole calibration set in chunks, handing each chunk's outputs to ``sink``."""
         total = len(cache[inputs[0]])
-        for start in range(0, total, self.settings.chunk_size):
-            stop = start + self.settings.chunk_size
+        for start in range(0, total, self.chunk_size):
+            stop = start + self.chunk_size
             sink(start, graph(*[self._fetch(cache[name][start:stop]) for name in inputs]))
 
     def _float_pass(self, group: Group, inputs: List[str], outputs: List[fx.Node], probe: List[fx.Node]):
@@ -175,7 +172,7 @@ class Reconstructor:
         sums = {n: 0.0 for n in probe}
 
         def sink(start, outs):
-            chunk = start // self.settings.chunk_size
+            chunk = start // self.chunk_size
             for node, out in zip(probe, outs):
                 ref = inner[node][chunk] if node in inner else self.fp_cache[node.name][start:start + len(out)]
                 sums[node] += self.loss_fn(out, ref.to(out.device, torch.float32)).item() * len(out)
@@ -193,7 +190,7 @@ class Reconstructor:
         return probe
 
     # ---- optimisation --------------------------------------------------------------------------------
-    def _train_graph(self, group: Group, outputs: List[fx.Node], generator: torch.Generator):
+    def train_graph(self, group: Group, outputs: List[fx.Node], generator: torch.Generator):
         """The group's sub-graph for optimisation: AdaRound layers and activation quantizers replaced by
         their fast stand-ins (sharing the MQBench modules' parameters). Call after ``init_adaround``.
         Returns the graph, the AdaRound layers, every activation quantizer (QDrop applies to all) and those whose
@@ -223,19 +220,40 @@ class Reconstructor:
 
     def _optimise(self, gi: int, group: Group, outputs: List[fx.Node], inputs: List[str],
                   result: GroupResult) -> None:
+        """Learn the group's rounding and activation steps, then harden the rounding."""
+        t = self._start_group(gi, group, outputs, inputs)
+        if t is None:
+            return
+        window, window_count = torch.zeros((), device=self.device), 0
+        bar = tqdm(range(self.iterations), desc=f'[{gi + 1}/{len(self.groups)}] {result.name}', leave=False,
+                   disable=not self.progress, mininterval=0.5)
+        for step in bar:
+            window += self._step(t, step).detach()
+            window_count += 1
+            if window_count == self.LOG_EVERY or step + 1 == self.iterations:
+                value = (window / window_count).item()
+                window.zero_()
+                window_count = 0
+                if not self._keep_window(t, value, step, result):
+                    break
+                bar.set_postfix(loss=f'{value:.4g}', refresh=False)
+        bar.close()
+        self._finish_group(t)
+
+    def _start_group(self, gi: int, group: Group, outputs: List[fx.Node], inputs: List[str]) -> Optional['Training']:
+        """Everything one group's optimisation needs, seeded from (seed, group); None if nothing to learn."""
         s = self.settings
         modules = dict(self.qmodel.named_modules())
         weight_layers = [modules[n.target] for n in self.partition.nodes_of(group.first, group.last)
                          if n.op == 'call_module' and is_adaround_layer(modules[n.target])]
-        if not weight_layers or s.iterations == 0:
-            return
+        if not weight_layers or self.iterations == 0:
+            return None
         for layer in weight_layers:
             init_adaround(layer)
         torch.manual_seed(group_seed(self.seed, gi, 0))
         gen = torch.Generator().manual_seed(group_seed(self.seed, gi, 1))  # batches (CPU)
         mask_gen = torch.Generator(device=self.device).manual_seed(group_seed(self.seed, gi, 2))  # QDrop masks
-        train_graph, fast_layers, act_quants, learned_quants = self._train_graph(group, outputs, mask_gen)
-        targets = [n.name for n in outputs]
+        graph, fast_layers, act_quants, learned_quants = self.train_graph(group, outputs, mask_gen)
         alphas = [layer.weight_fake_quant.alpha for layer in weight_layers]
         scales = [q.scale for q in learned_quants] if s.scale_lr > 0 else []
         for p in scales:
@@ -244,54 +262,59 @@ class Reconstructor:
         for q in act_quants:
             q.prob = s.prob
         params = alphas + scales
-        good = [p.detach().clone() for p in params]
         n = len(self.q_cache[inputs[0]])
-        bs = min(s.batch_size, n)
         mixed = [s.prob < 1.0 and self.q_cache[name] is not self.fp_cache[name] for name in inputs]
-        window = torch.zeros((), device=self.device)
-        window_count = 0
-        warm = s.warm_up * s.iterations
-        bar = tqdm(range(s.iterations), desc=f'[{gi + 1}/{len(self.groups)}] {result.name}', leave=False,
-                   disable=not self.progress, mininterval=0.5)
-        for step in bar:
-            idx = torch.randperm(n, generator=gen)[:bs].to(self.cache_device)
-            xs = []
-            for name, mix in zip(inputs, mixed):
-                x = self._fetch(self.q_cache[name], idx)
-                if mix:
-                    # lerp with a 0/1 weight is exact: the quantized input where 1, the float one where 0
-                    x = torch.lerp(self._fetch(self.fp_cache[name], idx), x, keep_mask(x, s.prob, mask_gen))
-                xs.append(x)
-            if step + 1 >= warm:  # the rounding regulariser (its gradient is added in the layers' backward)
-                beta = round_beta(step + 1, s.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
-                for f in fast_layers:
-                    f.reg_weight, f.beta = s.weight, beta
-            rec = self._rec_loss(train_graph(*xs), targets, idx)
-            optimiser.zero_grad(set_to_none=True)
-            rec.backward()
-            optimiser.step()
-            schedule.step()
-            window += rec.detach()
-            window_count += 1
-            if window_count == s.log_every or step + 1 == s.iterations:
-                value = (window / window_count).item()
-                window.zero_()
-                window_count = 0
-                if not math.isfinite(value) or not all(torch.isfinite(p).all() for p in params):
-                    self._restore(params, good)
-                    msg = (f'non-finite loss in {result.name} at iteration {step + 1}: '
-                           f'fell back to the state of iteration {result.iters}')
-                    log.warning(msg)
-                    result.warnings.append(msg)
-                    break
-                good = [p.detach().clone() for p in params]
-                result.iters = step + 1
-                result.train_loss = value
-                bar.set_postfix(loss=f'{value:.4g}', refresh=False)
-        bar.close()
-        for layer in weight_layers:
+        return Training(graph, weight_layers, fast_layers, act_quants, params, [p.detach().clone() for p in params],
+                        optimiser, schedule, gen, mask_gen, inputs, [o.name for o in outputs], mixed, n,
+                        min(s.batch_size, n))
+
+    def _batch(self, t: 'Training', idx: torch.Tensor) -> List[torch.Tensor]:
+        """The group's inputs for one step; with QDrop each element comes from the quantized stream with
+        probability ``prob``, else from the float one."""
+        xs = []
+        for name, mix in zip(t.inputs, t.mixed):
+            x = self._fetch(self.q_cache[name], idx)
+            if mix:
+                # lerp with a 0/1 weight is exact: the quantized input where 1, the float one where 0
+                x = torch.lerp(self._fetch(self.fp_cache[name], idx), x, keep_mask(x, self.settings.prob, t.mask_gen))
+            xs.append(x)
+        return xs
+
+    def _step(self, t: 'Training', step: int) -> torch.Tensor:
+        """One optimisation step on a random mini-batch; returns its reconstruction loss."""
+        s = self.settings
+        idx = torch.randperm(t.n, generator=t.gen)[:t.batch_size].to(self.cache_device)
+        xs = self._batch(t, idx)
+        if step + 1 >= s.warm_up * self.iterations:  # the rounding regulariser (gradient added in the layers)
+            beta = round_beta(step + 1, self.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
+            for f in t.fast_layers:
+                f.reg_weight, f.beta = s.weight, beta
+        rec = self._rec_loss(t.graph(*xs), t.targets, idx)
+        t.optimiser.zero_grad(set_to_none=True)
+        rec.backward()
+        t.optimiser.step()
+        t.schedule.step()
+        return rec
+
+    def _keep_window(self, t: 'Training', value: float, step: int, result: GroupResult) -> bool:
+        """Record a finished loss window; on a non-finite loss or parameter, restore the last good state and
+        say so (False stops the group)."""
+        if not math.isfinite(value) or not all(torch.isfinite(p).all() for p in t.params):
+            self._restore(t.params, t.good)
+            msg = (f'non-finite loss in {result.name} at iteration {step + 1}: '
+                   f'fell back to the state of iteration {result.iters}')
+            log.warning(msg)
+            result.warnings.append(msg)
+            return False
+        t.good = [p.detach().clone() for p in t.params]
+        result.iters = step + 1
+        result.train_loss = value
+        return True
+
+    def _finish_group(self, t: 'Training') -> None:
+        for layer in t.weight_layers:
             harden_adaround(layer)
-        for q in act_quants:
+        for q in t.act_quants:
             q.prob = 1.0
             q.scale.requires_grad_(False)
 
@@ -302,7 +325,7 @@ class Reconstructor:
         s = self.settings
         groups = [{'params': alphas, 'lr': s.lr}] + ([{'params': scales, 'lr': s.scale_lr}] if scales else [])
         optimiser = torch.optim.Adam(groups, fused=self.device.type in ('cpu', 'cuda'))
-        cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * step / s.iterations))  # noqa: E731
+        cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * step / self.iterations))  # noqa: E731
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, [lambda step: 1.0, cosine][:len(groups)])
         return optimiser, schedule
 

@@ -31,7 +31,8 @@ class BaseUnit:
 
 def model_base_units(model: nn.Module, override: Optional[Sequence[Sequence[str]]] = None) -> List[BaseUnit]:
     """The default block partition: an explicit ``override`` (lists of module names), else the model's own
-    ``unit_partition()``, else a generic one (see ``generic_partition``)."""
+    ``unit_partition()``, else a generic one (see ``generic_partition``; ``join_forks`` then completes it on
+    the prepared graph)."""
     if override:
         return [BaseUnit('+'.join(mods), tuple(mods)) for mods in override]
     if hasattr(model, 'unit_partition'):
@@ -71,6 +72,46 @@ def generic_partition(model: nn.Module) -> List[BaseUnit]:
     if pending and groups:
         groups[-1].extend(pending)
     return [BaseUnit(g[-1] if len(g) == 1 else '+'.join(g), tuple(g)) for g in groups]
+
+
+def is_generic(model: nn.Module, override) -> bool:
+    """True when the units come from the generic rule (no override, no ``unit_partition``)."""
+    return not override and not hasattr(model, 'unit_partition')
+
+
+def boundary_widths(partition: 'UnitPartition') -> List[int]:
+    """For each boundary between base units i and i+1: how many distinct tensors cross it. A tensor and its
+    activation quantizer count once (MQBench may hand a residual branch the float tensor and the next conv
+    the quantized one)."""
+    def tensor(n: fx.Node) -> fx.Node:
+        return _args(n)[0] if UnitPartition._is_act_quantizer(n) and _args(n) else n
+    crossing: List[set] = [set() for _ in range(len(partition.units) - 1)]
+    for n, owner in partition.owner.items():
+        later = [partition.owner[u] for u in n.users if u in partition.owner and partition.owner[u] > owner]
+        for b in range(owner, max(later, default=owner)):
+            crossing[b].add(tensor(n))
+    return [len(c) for c in crossing]
+
+
+def join_forks(prepared: fx.GraphModule, units: List[BaseUnit]) -> List[BaseUnit]:
+    """The graph rule for networks we have never seen: a unit may only end where a single tensor flows on,
+    so a residual block (fork ... join) is always one unit, and a plain chain keeps one unit per layer
+    (with its BN, activation and pooling). Adjacent units are merged across every wider boundary."""
+    if len(units) < 2:
+        return units
+    widths = boundary_widths(UnitPartition.build(prepared, units))
+    merged: List[List[BaseUnit]] = [[units[0]]]
+    for unit, width in zip(units[1:], widths):
+        if width > 1:
+            merged[-1].append(unit)
+        else:
+            merged.append([unit])
+    return [run[0] if len(run) == 1 else BaseUnit(_span_name(run), tuple(m for u in run for m in u.modules))
+            for run in merged]
+
+
+def _span_name(run: List[BaseUnit]) -> str:
+    return '+'.join(u.name for u in run) if len(run) == 2 else f'{run[0].name}..{run[-1].name}'
 
 
 def layer_base_units(prepared: fx.GraphModule) -> List[BaseUnit]:

@@ -7,23 +7,21 @@
 Prints median times (``torch.utils.benchmark``) of: element-wise kernels on a 32x192x4x4 tensor (float
 arithmetic against the boolean and fake-quant kernels MQBench's quantizers use), QDrop masks on the same
 98 304 elements, AdaRound's soft weight with the rounding regulariser on ResNet-18's 512x512x3x3 conv (MQBench's
-autograd against ``_AdaRoundWeight``), the regulariser's power, and a depthwise conv on a 2x2 map (oneDNN
+autograd against ``AdaRoundWeight``), the regulariser's power, and a depthwise conv on a 2x2 map (oneDNN
 against one small matrix per channel). Every figure runs forward and, where marked, backward.
 """
 import argparse
 import copy
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models  # noqa: E402
-from mrecg.fastquant import (_AdaRoundWeight, _dense_depthwise_plan, _depthwise_dense, FastAdaRoundLayer,  # noqa: E402
+from mrecg import zoo
+from mrecg.fastquant import (AdaRoundWeight, dense_depthwise_plan, depthwise_dense, FastAdaRoundLayer,
                              keep_mask)
-from mrecg.quantization import QuantizerSpec, QuantSettings, calibrate, init_adaround, prepare_model  # noqa: E402
+from mrecg.config import QuantizeConfig
+from mrecg.quantization import calibrate, init_adaround, prepare_model
 
 
 def elementwise(timed):
@@ -44,10 +42,8 @@ def elementwise(timed):
 
 
 def adaround(timed, beta=10.0, weight=0.01):
-    model = models.build_model('resnet18', num_classes=10, in_chans=1).eval()
-    spec = QuantSettings(weight=QuantizerSpec(bit=2, quantizer='AdaRoundFakeQuantize', observer='MSEObserver',
-                                              per_channel=True),
-                         act=QuantizerSpec(bit=4, quantizer='QDropFakeQuantize', observer='EMAMSEObserver'))
+    model = zoo.build_model('resnet18', num_classes=10, in_chans=1).eval()
+    spec = QuantizeConfig(w_qconfig={'bit': 2, 'p': 2.0}, a_qconfig={'bit': 4, 'p': 2.0})
     prepared = prepare_model(model, spec)
     calibrate(prepared, torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)), 8, torch.device('cpu'))
     ref = prepared.get_submodule('layer4.1.conv2')
@@ -62,7 +58,7 @@ def adaround(timed, beta=10.0, weight=0.01):
         fq.alpha.grad = ref.weight.grad = None
 
     def our_step():
-        _AdaRoundWeight.apply(alpha, ours.floor_zp, ours.scale, ours.zero_point, ours.grad_gain, ours.qmin,
+        AdaRoundWeight.apply(alpha, ours.floor_zp, ours.scale, ours.zero_point, ours.grad_gain, ours.qmin,
                               ours.qmax, ours.reg_weight, ours.beta).sum().backward()
         alpha.grad = None
 
@@ -76,8 +72,8 @@ def adaround(timed, beta=10.0, weight=0.01):
 def depthwise(timed):
     conv = torch.nn.Conv2d(288, 288, 3, 1, 1, groups=288)
     x = torch.randn(32, 288, 2, 2, requires_grad=True)
-    plan = _dense_depthwise_plan(conv, 2, 2, torch.device('cpu'))
-    g = dict(F=F, x=x, w=conv.weight, b=conv.bias, plan=plan, dense=_depthwise_dense)
+    plan = dense_depthwise_plan(conv, 2, 2, torch.device('cpu'))
+    g = dict(F=F, x=x, w=conv.weight, b=conv.bias, plan=plan, dense=depthwise_dense)
     print('depthwise 3x3 conv, 32x288x2x2, forward + backward (ms): '
           f'conv2d {timed("F.conv2d(x, w, b, 1, 1, 1, 288).sum().backward()", **g) / 1e3:.2f}, '
           f'one matrix per channel {timed("dense(x, w, b, plan).sum().backward()", **g) / 1e3:.2f}')

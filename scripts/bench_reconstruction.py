@@ -17,23 +17,22 @@ each unit, and top-1. The last line is ``speedup <ours / MQBench speed> top1_del
 import argparse
 import copy
 import dataclasses
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mrecg import pipeline  # noqa: E402
-from mrecg.baselines import mqbench_reconstruct  # noqa: E402
-from mrecg.config import build_settings, load_config  # noqa: E402
-from mrecg.data import calibration_images, eval_batches  # noqa: E402
-from mrecg.errors import UserError  # noqa: E402
-from mrecg.evaluation import evaluate  # noqa: E402
-from mrecg.quantization import disable_all, enable_quantization, init_adaround, is_adaround_layer, prepare_model  # noqa: E402
-from mrecg.reconstruction import Reconstructor  # noqa: E402
-from mrecg.units import groups_from_spans  # noqa: E402
+from mrecg.api import resolve_device
+from mrecg.baselines import mqbench_reconstruct
+from mrecg.config import load_config
+from mrecg.data import calibration_images, eval_batches
+from mrecg.errors import UserError
+from mrecg.evaluation import evaluate
+from mrecg.planning import prepare
+from mrecg.quantization import calibrate, disable_all, enable_quantization, init_adaround, is_adaround_layer
+from mrecg.reconstruction import Reconstructor
+from mrecg.runner import build_float_model, open_data
+from mrecg.units import UnitPartition, groups_from_spans
 
 
 # ---- memory -------------------------------------------------------------------------------------------
@@ -103,15 +102,16 @@ def step_flops(graph, inputs) -> int:
     return counter.get_total_flops()
 
 
-def our_reconstructor(qmodel, fp, settings, folded, device) -> Reconstructor:
+def our_reconstructor(qmodel, fp, cfg, units, device) -> Reconstructor:
     """Our engine on the plain partition (one unit per group), as the timed run and the warm-up use it."""
-    partition = pipeline.build_partition(settings, folded, qmodel)
+    partition = UnitPartition.build(qmodel, units)
     groups = groups_from_spans([], len(partition.units))
-    return Reconstructor(qmodel, fp, partition, groups, settings.recon, device, settings.seed, progress=False)
+    return Reconstructor(qmodel, fp, partition, groups, cfg.quantize.reconstruction, device, cfg.process.seed,
+                         progress=False, chunk_size=cfg.data.batch_size)
 
 
-def ours(qmodel, fp, settings, folded, images, device, mem):
-    recon = our_reconstructor(qmodel, fp, settings, folded, device)
+def ours(qmodel, fp, cfg, units, images, device, mem):
+    recon = our_reconstructor(qmodel, fp, cfg, units, device)
     groups = recon.groups
     per_unit = []
     mem.reset()
@@ -131,25 +131,26 @@ def ours(qmodel, fp, settings, folded, images, device, mem):
     flops = 0
     probe = copy.deepcopy(fp)
     enable_quantization(probe)
-    part = pipeline.build_partition(settings, folded, probe)
+    part = UnitPartition.build(probe, units)
     mods = dict(probe.named_modules())
-    x = images[:settings.recon.batch_size].to(device)
-    r = Reconstructor(probe, probe, part, groups, settings.recon, device, 0, progress=False)  # freezes weights
+    rec = cfg.quantize.reconstruction
+    x = images[:rec.batch_size].to(device)
+    r = Reconstructor(probe, probe, part, groups, rec, device, 0, progress=False)  # freezes weights
     for g in groups:
         outputs = part.outputs_of(g.first, g.last)
         for n in part.nodes_of(g.first, g.last):
             if n.op == 'call_module' and is_adaround_layer(mods[n.target]):
                 init_adaround(mods[n.target])
-        graph, _, _, learned = r._train_graph(g, outputs, torch.Generator(device=device))
+        graph, _, _, learned = r.train_graph(g, outputs, torch.Generator(device=device))
         for q in learned:
             q.scale.requires_grad_(True)
         flops += step_flops(graph, [x])
         with torch.no_grad():
             x = part.build_graph(probe, g.first, g.last, outputs)(x)[0]
-    return wall, len(groups), per_unit, flops * settings.recon.iterations
+    return wall, len(groups), per_unit, flops * rec.iterations
 
 
-def mqbench(qmodel, fp, settings, folded, images, device, mem):
+def mqbench(qmodel, fp, cfg, units, images, device, mem):
     import mqbench.advanced_ptq as adv
     per_unit, flops, counting_time = [], [0], [0.0]
     original = adv.subgraph_reconstruction
@@ -166,7 +167,7 @@ def mqbench(qmodel, fp, settings, folded, images, device, mem):
     try:
         mem.reset()
         t = time.perf_counter()
-        result = mqbench_reconstruct(qmodel, images, settings.recon, settings.seed, device,
+        result = mqbench_reconstruct(qmodel, images, cfg.quantize.reconstruction, cfg.process.seed, device,
                                      on_unit_done=lambda: per_unit.append(mem.current()))
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -176,17 +177,18 @@ def mqbench(qmodel, fp, settings, folded, images, device, mem):
     return wall, len(per_unit), per_unit, flops[0], result
 
 
-def warm_up(engines, calibrated, fp, settings, folded, images, device, iterations):
+def warm_up(engines, calibrated, fp, cfg, units, images, device, iterations):
     """A few untimed iterations per unit of every engine first. The first convolution of each new shape in a
     process JIT-compiles oneDNN kernels (0.1-0.4 s each on this CPU, forward and both backward passes), and
     both engines train on the same shapes: without this, whichever engine runs second gets them for free."""
-    settings = dataclasses.replace(settings, recon=dataclasses.replace(settings.recon, iterations=iterations))
+    rec = dataclasses.replace(cfg.quantize.reconstruction, iterations=iterations)
+    cfg = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, reconstruction=rec))
     for engine in engines:
         q = copy.deepcopy(calibrated)
         if engine == 'ours':
-            our_reconstructor(q, fp, settings, folded, device).run(images)
+            our_reconstructor(q, fp, cfg, units, device).run(images)
         else:
-            mqbench_reconstruct(q, images, settings.recon, settings.seed, device)
+            mqbench_reconstruct(q, images, rec, cfg.process.seed, device)
 
 
 def bench_seed(args, seed, warm: bool):
@@ -195,36 +197,37 @@ def bench_seed(args, seed, warm: bool):
                  'mrecg.metric=none', 'mrecg.k=0', 'mrecg.scheme=null', *args.set]
     if seed is not None:
         overrides.append(f'process.seed={seed}')
-    settings = build_settings(load_config(args.config, overrides))
-    device = pipeline.resolve_device(args.device)
-    torch.manual_seed(settings.seed)
-    model = pipeline.build_float_model(settings)
-    folded, _ = pipeline.quantizable(model, settings)
-    images = calibration_images(settings.data, settings.cali_size, settings.seed)
-    calibrated = prepare_model(folded, settings.quant).to(device)
-    pipeline.calibrate_or_reuse(settings, calibrated, images, device)
+    cfg = load_config(args.config, overrides)
+    device = resolve_device(args.device)
+    seed, rec, q = cfg.process.seed, cfg.quantize.reconstruction, cfg.quantize
+    torch.manual_seed(seed)
+    model = build_float_model(cfg)
+    train, val = open_data(cfg)
+    images = calibration_images(train, q.cali_size, seed, cfg.data.batch_size)
+    prepared = prepare(model, cfg)
+    calibrated, units = prepared.qmodel.to(device), prepared.units
+    calibrate(calibrated, images, cfg.data.batch_size, device)
     fp = copy.deepcopy(calibrated)
     disable_all(fp)
-    print(f'{settings.model_type} {settings.model_kwargs} on {settings.data.type}, W{settings.quant.weight.bit}'
-          f'A{settings.quant.act.bit}, prob {settings.recon.prob}, {settings.recon.iterations} iterations/unit, '
-          f'{settings.recon.batch_size} images/step, {settings.cali_size} calibration images, seed {settings.seed}, '
-          f'device {device}, {torch.get_num_threads()} threads', flush=True)
+    print(f'{cfg.model.type} {cfg.model.kwargs} on {cfg.data.type}, W{q.w_qconfig.bit}A{q.a_qconfig.bit}, '
+          f'prob {rec.prob}, {rec.iterations} iterations/unit, {rec.batch_size} images/step, {q.cali_size} '
+          f'calibration images, seed {seed}, device {device}, {torch.get_num_threads()} threads', flush=True)
     if warm and args.warmup:
         t = time.perf_counter()
-        warm_up(args.engines, calibrated, fp, settings, folded, images, device, args.warmup)
+        warm_up(args.engines, calibrated, fp, cfg, units, images, device, args.warmup)
         print(f'  warm-up ({args.warmup} iterations per unit, every engine): {time.perf_counter() - t:.1f} s', flush=True)
     mem = Memory(device)
     rows = {}
     for engine in args.engines:
         q = copy.deepcopy(calibrated)
         if engine == 'ours':
-            wall, units, per_unit, flops = ours(q, fp, settings, folded, images, device, mem)
+            wall, n_units, per_unit, flops = ours(q, fp, cfg, units, images, device, mem)
         else:
-            wall, units, per_unit, flops, q = mqbench(q, fp, settings, folded, images, device, mem)
+            wall, n_units, per_unit, flops, q = mqbench(q, fp, cfg, units, images, device, mem)
         peak = mem.peak()
         enable_quantization(q)
-        acc = evaluate(q, eval_batches(settings.data, device), device, progress=False)
-        rows[engine] = dict(wall=wall, units=units, its=units * settings.recon.iterations / wall, peak=peak,
+        acc = evaluate(q, eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit), device, progress=False)
+        rows[engine] = dict(wall=wall, units=n_units, its=n_units * rec.iterations / wall, peak=peak,
                             gflops=flops / wall / 1e9, top1=acc.top1, per_unit=per_unit)
         print(f'  {engine:8s} done: {wall:.1f} s', flush=True)
     print(f'\n{"engine":8s} {"units":>5s} {"wall s":>8s} {"it/s":>7s} {"peak MB":>8s} {"GFLOP/s":>8s} {"top-1":>7s}')

@@ -12,18 +12,15 @@ Activations of the optimisation step itself (one batch, forward + backward) come
 to it; model weights too.
 """
 import argparse
-import os
-import sys
 
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models  # noqa: E402
-from mrecg.grouping import PUBLISHED_SCHEMES, spans_from_scheme  # noqa: E402
-from mrecg.quantization import QuantizerSpec, QuantSettings, prepare_model  # noqa: E402
-from mrecg.units import UnitPartition, groups_from_spans, liveness, model_base_units  # noqa: E402
+from mrecg import zoo
+from mrecg.grouping import PUBLISHED_SCHEMES, spans_from_scheme
+from mrecg.config import QuantizeConfig
+from mrecg.quantization import prepare_model
+from mrecg.units import UnitPartition, groups_from_spans, liveness, model_base_units
 
 PAPER_MODELS = [('resnet18', {}, 4096), ('resnet50', {}, 2048), ('mobilenet_v2', {'width_mult': 1.0}, 4096),
                 ('mobilenet_v2', {'width_mult': 0.75}, 4096), ('mobilenet_v2', {'width_mult': 0.5}, 4096),
@@ -72,8 +69,7 @@ def main():
     p.add_argument('--models', nargs='+', help='restrict to these model types')
     p.add_argument('--input-size', type=int, default=224)
     args = p.parse_args()
-    qs = QuantSettings(QuantizerSpec(4, 'AdaRoundFakeQuantize', 'MSEObserver', per_channel=True),
-                       QuantizerSpec(4, 'QDropFakeQuantize', 'EMAMSEObserver'))
+    qs = QuantizeConfig(w_qconfig={'bit': 4, 'p': 2.0}, a_qconfig={'bit': 4, 'p': 2.0})
     gib = 2 ** 30
     print('| model | images | plain units: peak cache fp32 / fp16 (GiB) | at unit | authors\' MRECG groups: '
           'fp32 / fp16 (GiB) | at group | of which input images (fp32) |')
@@ -82,7 +78,7 @@ def main():
         if args.models and name not in args.models:
             continue
         images = args.images or default_images
-        model = models.build_model(name, **kwargs).eval()
+        model = zoo.build_model(name, **kwargs).eval()
         partition = UnitPartition.build(prepare_model(model, qs), model_base_units(model))
         sizes = per_image_bytes(partition, args.input_size, 4)
         plain, at_plain, img = peak_cache(partition, [], sizes, images)

@@ -24,8 +24,6 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 BITS_ORDER = [(4, 4), (2, 4), (3, 3), (2, 2)]
 METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 'mqbench-qdrop', 'qdrop',
                 'mrecg+qdrop']

@@ -9,17 +9,15 @@ Writes ``models/checkpoints/<model>_<dataset>.pth`` (a bare state dict) and prin
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models  # noqa: E402
-from mrecg.data import DataSettings, eval_batches, tensor_split  # noqa: E402
-from mrecg.evaluation import evaluate  # noqa: E402
+from mrecg import zoo
+from mrecg.config import DataConfig
+from mrecg.data import dataset, eval_batches
+from mrecg.evaluation import evaluate
 
 RECIPES = {  # epochs, batch size, peak lr, weight decay
     'digits': (40, 64, 3e-3, 5e-4),
@@ -44,13 +42,14 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def train(model_name: str, dataset: str, seed: int, out_dir: str) -> str:
+def train(model_name: str, dataset_name: str, seed: int, out_dir: str) -> str:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    settings = DataSettings(dataset, None, 512)
-    x, y = tensor_split(settings, 'train')
-    model = models.build_model(model_name, **MODEL_KWARGS.get((model_name, dataset), {}))
-    epochs, bs, lr, wd = RECIPES[dataset]
+    data = DataConfig(type=dataset_name)
+    train_set, test_set = dataset(data, 'train'), dataset(data, 'val')
+    x, y = train_set.images, train_set.labels
+    model = zoo.build_model(model_name, **MODEL_KWARGS.get((model_name, dataset_name), {}))
+    epochs, bs, lr, wd = RECIPES[dataset_name]
     epochs = EPOCHS.get(model_name, epochs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     steps = epochs * ((len(x) + bs - 1) // bs)
@@ -68,11 +67,11 @@ def train(model_name: str, dataset: str, seed: int, out_dir: str) -> str:
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        acc = evaluate(model, eval_batches(settings, torch.device('cpu')), torch.device('cpu'), progress=False)
-        print(f'{model_name} {dataset} epoch {epoch + 1}/{epochs} loss {total / len(x):.4f} '
+        acc = evaluate(model, eval_batches(test_set, 512), torch.device('cpu'), progress=False)
+        print(f'{model_name} {dataset_name} epoch {epoch + 1}/{epochs} loss {total / len(x):.4f} '
               f'test top-1 {acc.top1:.2f} ({time.time() - t0:.0f} s)', flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f'{model_name}_{dataset}.pth')
+    path = os.path.join(out_dir, f'{model_name}_{dataset_name}.pth')
     torch.save(model.state_dict(), path)
     print(f'wrote {path}')
     return path

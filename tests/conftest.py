@@ -9,7 +9,6 @@ import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 TINY = {
@@ -47,17 +46,17 @@ def run_cli(*args, timeout=300):
 @pytest.fixture(scope='session')
 def calibrated():
     """(float model, prepared+calibrated qmodel, float prepared copy, calibration images) for digits."""
-    import models
-    from mrecg.data import DataSettings, calibration_images
-    from mrecg.quantization import QuantizerSpec, QuantSettings, calibrate, disable_all, fold_bn, prepare_model
-    model = models.build_model('mobilenet_v2_small').eval()
-    models.load_checkpoint(model, os.path.join(ROOT, TINY['model']['path']))
+    from mrecg import zoo
+    from mrecg.config import QuantizeConfig
+    from mrecg.data import calibration_images, digits
+    from mrecg.quantization import calibrate, disable_all, fold_bn, prepare_model
+    model = zoo.build_model('mobilenet_v2_small').eval()
+    zoo.load_checkpoint(model, os.path.join(ROOT, TINY['model']['path']))
     folded = copy.deepcopy(model)
     fold_bn(folded)
-    settings = QuantSettings(QuantizerSpec(2, 'AdaRoundFakeQuantize', 'MSEObserver', per_channel=True, p=2.0),
-                             QuantizerSpec(4, 'QDropFakeQuantize', 'EMAMSEObserver', p=2.0))
+    settings = QuantizeConfig(w_qconfig={'bit': 2, 'p': 2.0}, a_qconfig={'bit': 4, 'p': 2.0})
     qmodel = prepare_model(folded, settings)
-    images = calibration_images(DataSettings('digits', None, 64), 64, 0)
+    images = calibration_images(digits('train', 0), 64, 0)
     calibrate(qmodel, images, 64, torch.device('cpu'))
     fp = copy.deepcopy(qmodel)
     disable_all(fp)

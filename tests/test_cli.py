@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-import models
+from mrecg import zoo
 from conftest import ROOT, TINY, deep_update, run_cli
-from ptq_main import main
+from mrecg.cli import main
 
 
 def cli(args, capsys):
@@ -48,15 +48,15 @@ def test_run_writes_results_config_log_and_plot(write_config, tmp_path, capsys):
     assert 'iterations: 12' in resolved and 'scale_lr' in resolved  # defaults filled in
 
 
-@pytest.mark.parametrize('name', models.list_models())
+@pytest.mark.parametrize('name', zoo.list_models())
 def test_plan_works_for_every_model(name, write_config, capsys):
     override = {'model': {'type': name, 'path': None, 'kwargs': {}}, 'mrecg': {'metric': 'modcap', 'k': 2}}
-    if models.model_entry(name).image_size == 224:
+    if zoo.model_entry(name).image_size == 224:
         override['data'] = {'type': 'imagenet', 'path': None}
     code, out, err = cli(['--config', write_config(override), '--plan'], capsys)
     assert code == 0, err
     assert 'ModCap' in out and 'reconstruction units' in out
-    n_units = len(models.build_model(name).unit_partition())
+    n_units = len(zoo.build_model(name).unit_partition())
     assert f'({n_units} -> {n_units - 2})' in out
 
 
@@ -246,13 +246,13 @@ def test_sigint_leaves_a_resumable_folder(uninterrupted, tmp_path):
 
 
 def test_nan_accuracy_is_never_written(write_config, tmp_path, capsys, monkeypatch):
-    from mrecg import pipeline
+    from mrecg import api
     from mrecg.evaluation import Accuracy
-    real = pipeline.evaluate
+    real = api.evaluate
 
     def quantized_eval_goes_nan(model, batches, device, desc='eval', progress=True):
         return Accuracy(None, None, 200, 4) if 'quantized' in desc else real(model, batches, device, desc, progress)
-    monkeypatch.setattr(pipeline, 'evaluate', quantized_eval_goes_nan)
+    monkeypatch.setattr(api, 'evaluate', quantized_eval_goes_nan)
     out = tmp_path / 'nan'
     assert cli(['--config', write_config(), '--output', str(out), '--no-progress'], capsys)[0] == 0
     text = (out / 'results.json').read_text()

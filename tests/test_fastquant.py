@@ -4,16 +4,16 @@ import copy
 import pytest
 import torch
 
-import models
-from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, _dense_depthwise_plan, _depthwise_dense, keep_mask
-from mrecg.quantization import QuantizerSpec, QuantSettings, calibrate, init_adaround, prepare_model
+from mrecg import zoo
+from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, dense_depthwise_plan, depthwise_dense, keep_mask
+from mrecg.config import QuantizeConfig
+from mrecg.quantization import calibrate, init_adaround, prepare_model
 
 
 @pytest.fixture(scope='module')
 def prepared():
-    settings = QuantSettings(QuantizerSpec(3, 'AdaRoundFakeQuantize', 'MSEObserver', per_channel=True, p=2.0),
-                             QuantizerSpec(4, 'QDropFakeQuantize', 'EMAMSEObserver', p=2.0))
-    q = prepare_model(models.build_model('resnet_small').eval(), settings)
+    settings = QuantizeConfig(w_qconfig={'bit': 3, 'p': 2.0}, a_qconfig={'bit': 4, 'p': 2.0})
+    q = prepare_model(zoo.build_model('resnet_small').eval(), settings)
     calibrate(q, torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)), 16, torch.device('cpu'))
     return q
 
@@ -100,11 +100,11 @@ def test_activation_quantizer_with_zero_point_clamps_both_ends_like_mqbench(prep
                                                                   (5, 2, 5, 1, 2)])
 def test_depthwise_conv_on_tiny_maps_as_matrices_matches_conv2d(channels, size, kernel, stride, padding):
     layer = torch.nn.Conv2d(channels, channels, kernel, stride, padding, groups=channels)
-    plan = _dense_depthwise_plan(layer, size, size, torch.device('cpu'))
+    plan = dense_depthwise_plan(layer, size, size, torch.device('cpu'))
     assert plan is not None
     x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(9), requires_grad=True)
     w = layer.weight.detach().clone().requires_grad_(True)
-    out = _depthwise_dense(x, w, layer.bias, plan)
+    out = depthwise_dense(x, w, layer.bias, plan)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
     gx, gw = torch.autograd.grad((out * upstream).sum(), (x, w))
     ref = torch.nn.functional.conv2d(x, w, layer.bias, stride, padding, groups=channels)
@@ -115,4 +115,4 @@ def test_depthwise_conv_on_tiny_maps_as_matrices_matches_conv2d(channels, size, 
 
 def test_depthwise_conv_keeps_the_conv_kernel_on_larger_maps():
     layer = torch.nn.Conv2d(8, 8, 3, 1, 1, groups=8)
-    assert _dense_depthwise_plan(layer, 4, 4, torch.device('cpu')) is None
+    assert dense_depthwise_plan(layer, 4, 4, torch.device('cpu')) is None

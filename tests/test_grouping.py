@@ -5,9 +5,10 @@ import random
 import pytest
 import torch.nn as nn
 
-import models
+from mrecg import zoo
 from mrecg import capacity, grouping
-from mrecg.quantization import QuantizerSpec, QuantSettings, prepare_model
+from mrecg.config import QuantizeConfig
+from mrecg.quantization import prepare_model
 from mrecg.units import BaseUnit, UnitPartition, groups_from_spans, model_base_units
 
 
@@ -101,8 +102,7 @@ class TinyNet(nn.Module):
 
 
 def test_modcap_by_hand():
-    settings = QuantSettings(QuantizerSpec(3, 'AdaRoundFakeQuantize', 'MSEObserver', per_channel=True),
-                             QuantizerSpec(4, 'QDropFakeQuantize', 'EMAMSEObserver'))
+    settings = QuantizeConfig(w_qconfig={'bit': 3, 'p': 2.0}, a_qconfig={'bit': 4, 'p': 2.0})
     q = prepare_model(TinyNet().eval(), settings)
     units = [BaseUnit('a', ('a',)), BaseUnit('b', ('b',)), BaseUnit('head', ('pool', 'fc'))]
     part = UnitPartition.build(q, units)
@@ -114,13 +114,13 @@ def test_modcap_by_hand():
 def test_published_schemes_by_name_reproduce_the_authors_index_schemes(name):
     """The authors' configs give their grouping by unit index, e.g. ResNet-18 [1, 2, (3, 3), (4, 4), ...]:
     our module-name schemes must select exactly the same units."""
-    units = model_base_units(models.build_model(name))
+    units = model_base_units(zoo.build_model(name))
     by_name = grouping.spans_from_scheme(grouping.PUBLISHED_SCHEMES[name], units)
     assert by_name == grouping.spans_from_authors_scheme(grouping.AUTHORS_SCHEME_STRINGS[name])
 
 
 def test_resnet18_explicit_scheme_by_module_names():
-    units = model_base_units(models.build_model('resnet18'))
+    units = model_base_units(zoo.build_model('resnet18'))
     spans = grouping.spans_from_scheme([['layer1.1', 'layer2.0'], ['layer2.1', 'layer3.0']], units)
     groups = groups_from_spans(spans, len(units))
     assert [g.name(units) for g in groups] == ['stem', 'layer1.0', 'layer1.1+layer2.0', 'layer2.1+layer3.0',
@@ -136,6 +136,6 @@ def test_resnet18_explicit_scheme_by_module_names():
     ([['layer1.0', 'layer1.1'], ['layer1.1', 'layer2.0']], 'overlaps'),
 ])
 def test_bad_schemes_are_rejected(scheme, message):
-    units = model_base_units(models.build_model('resnet18'))
+    units = model_base_units(zoo.build_model('resnet18'))
     with pytest.raises(ValueError, match=message):
         grouping.spans_from_scheme(scheme, units)

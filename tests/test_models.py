@@ -5,13 +5,13 @@ import pytest
 import torch
 import torchvision
 
-import models
-from mrecg.quantization import QuantizerSpec, QuantSettings, fold_bn, prepare_model
+from mrecg import zoo
+from mrecg.config import QuantizeConfig
+from mrecg.quantization import fold_bn, prepare_model
 from mrecg.units import UnitPartition, layer_base_units, model_base_units
 
-SETTINGS = QuantSettings(QuantizerSpec(4, 'AdaRoundFakeQuantize', 'MSEObserver', per_channel=True),
-                         QuantizerSpec(4, 'QDropFakeQuantize', 'EMAMSEObserver'))
-ALL_MODELS = models.list_models()
+SETTINGS = QuantizeConfig(w_qconfig={'bit': 4, 'p': 2.0}, a_qconfig={'bit': 4, 'p': 2.0})
+ALL_MODELS = zoo.list_models()
 
 
 def test_registry_has_the_paper_models():
@@ -20,9 +20,9 @@ def test_registry_has_the_paper_models():
 
 def test_unknown_model_and_kwarg_are_rejected():
     with pytest.raises(ValueError, match='unknown model type'):
-        models.build_model('resnet19')
+        zoo.build_model('resnet19')
     with pytest.raises(ValueError, match="takes no argument 'width'"):
-        models.build_model('resnet18', width=2)
+        zoo.build_model('resnet18', width=2)
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
@@ -30,7 +30,7 @@ def test_unknown_model_and_kwarg_are_rejected():
 def test_block_partition_covers_every_node(name, fold):
     """Every graph node of the prepared model belongs to exactly one unit, units are in graph order, and
     each unit reads one cached tensor and hands one on (the chain the engine propagates)."""
-    model = models.build_model(name).eval()
+    model = zoo.build_model(name).eval()
     if fold:
         fold_bn(model)
     qmodel = prepare_model(model, SETTINGS)
@@ -49,7 +49,7 @@ def test_block_partition_covers_every_node(name, fold):
 
 @pytest.mark.parametrize('name', ALL_MODELS)
 def test_layer_partition_has_one_weight_layer_per_unit(name):
-    qmodel = prepare_model(models.build_model(name).eval(), SETTINGS)
+    qmodel = prepare_model(zoo.build_model(name).eval(), SETTINGS)
     units = layer_base_units(qmodel)
     part = UnitPartition.build(qmodel, units)
     mods = dict(qmodel.named_modules())
@@ -63,13 +63,13 @@ EXPECTED_UNITS = {'resnet18': 10, 'resnet50': 18, 'mobilenet_v2': 18, 'regnetx_6
 
 @pytest.mark.parametrize('name,count', sorted(EXPECTED_UNITS.items()))
 def test_plain_unit_counts_match_the_authors(name, count):
-    assert len(model_base_units(models.build_model(name))) == count
+    assert len(model_base_units(zoo.build_model(name))) == count
 
 
 @pytest.mark.parametrize('width,params', [(1.0, 3504872), (0.75, 2636424), (0.5, 1968680), (0.35, 1677128)])
 def test_mobilenet_v2_width_multipliers(width, params):
     """Channel counts follow the make-divisible-by-8 rule of the published width-multiplier checkpoints."""
-    model = models.build_model('mobilenet_v2', width_mult=width)
+    model = zoo.build_model('mobilenet_v2', width_mult=width)
     assert sum(p.numel() for p in model.parameters()) == params
 
 
@@ -81,12 +81,12 @@ def _save(tmp_path, obj, name='ckpt.pth'):
 
 @pytest.mark.parametrize('layout', ['bare', 'model', 'state_dict_module'])
 def test_checkpoint_layouts_load_by_name(tmp_path, layout):
-    src = models.build_model('resnet_small').eval()
+    src = zoo.build_model('resnet_small').eval()
     sd = src.state_dict()
     obj = {'bare': sd, 'model': {'model': sd, 'epoch': 3},
            'state_dict_module': {'state_dict': {'module.' + k: v for k, v in sd.items()}}}[layout]
-    dst = models.build_model('resnet_small').eval()
-    models.load_checkpoint(dst, _save(tmp_path, obj), 'resnet')
+    dst = zoo.build_model('resnet_small').eval()
+    zoo.load_checkpoint(dst, _save(tmp_path, obj), 'resnet')
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(src(x), dst(x))
 
@@ -94,43 +94,43 @@ def test_checkpoint_layouts_load_by_name(tmp_path, layout):
 def test_torchvision_checkpoints_load_by_name(tmp_path):
     for ours, theirs in (('resnet18', torchvision.models.resnet18()), ('mobilenet_v2', torchvision.models.mobilenet_v2())):
         theirs.eval()
-        model = models.build_model(ours).eval()
-        models.load_checkpoint(model, _save(tmp_path, theirs.state_dict(), ours), models.model_entry(ours).family)
+        model = zoo.build_model(ours).eval()
+        zoo.load_checkpoint(model, _save(tmp_path, theirs.state_dict(), ours), zoo.model_entry(ours).family)
         x = torch.randn(1, 3, 64, 64)
         assert torch.allclose(model(x), theirs(x), atol=1e-5)
 
 
 def test_dli14_mobilenet_v2_layout_loads_by_name(tmp_path):
     """d-li14's width-multiplier checkpoints name the last 1x1 conv ``conv.*`` and the classifier bare."""
-    src = models.build_model('mobilenet_v2', width_mult=0.5).eval()
+    src = zoo.build_model('mobilenet_v2', width_mult=0.5).eval()
     renamed = {k.replace('features.18.', 'conv.').replace('classifier.1.', 'classifier.'): v
                for k, v in src.state_dict().items()}
-    dst = models.build_model('mobilenet_v2', width_mult=0.5).eval()
-    models.load_checkpoint(dst, _save(tmp_path, renamed), 'mobilenet_v2')
+    dst = zoo.build_model('mobilenet_v2', width_mult=0.5).eval()
+    zoo.load_checkpoint(dst, _save(tmp_path, renamed), 'mobilenet_v2')
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(src(x), dst(x))
 
 
 def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
-    sd = models.build_model('resnet_small').state_dict()
+    sd = zoo.build_model('resnet_small').state_dict()
     sd.pop('fc.bias')
     sd['extra.weight'] = torch.zeros(1)
-    with pytest.raises(models.CheckpointError) as err:
-        models.load_checkpoint(models.build_model('resnet_small'), _save(tmp_path, sd), 'resnet')
+    with pytest.raises(zoo.CheckpointError) as err:
+        zoo.load_checkpoint(zoo.build_model('resnet_small'), _save(tmp_path, sd), 'resnet')
     msg = str(err.value)
     assert 'missing 1 keys: fc.bias' in msg and 'unexpected 1 keys: extra.weight' in msg
 
 
 def test_checkpoint_shape_mismatch_and_missing_file(tmp_path):
-    wrong = models.build_model('mobilenet_v2', width_mult=0.5).state_dict()
-    with pytest.raises(models.CheckpointError, match='shape mismatch: features.0.0.weight'):
-        models.load_checkpoint(models.build_model('mobilenet_v2'), _save(tmp_path, wrong), 'mobilenet_v2')
-    with pytest.raises(models.CheckpointError, match='not found'):
-        models.load_checkpoint(models.build_model('resnet18'), os.path.join(str(tmp_path), 'nope.pth'))
+    wrong = zoo.build_model('mobilenet_v2', width_mult=0.5).state_dict()
+    with pytest.raises(zoo.CheckpointError, match='shape mismatch: features.0.0.weight'):
+        zoo.load_checkpoint(zoo.build_model('mobilenet_v2'), _save(tmp_path, wrong), 'mobilenet_v2')
+    with pytest.raises(zoo.CheckpointError, match='not found'):
+        zoo.load_checkpoint(zoo.build_model('resnet18'), os.path.join(str(tmp_path), 'nope.pth'))
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
     """weights_only=True: a pickle that would construct arbitrary objects is not executed."""
-    path = _save(tmp_path, {'model': models.build_model('resnet_small')})  # a pickled nn.Module, not tensors
-    with pytest.raises(models.CheckpointError, match='cannot read checkpoint'):
-        models.load_checkpoint(models.build_model('resnet_small'), path)
+    path = _save(tmp_path, {'model': zoo.build_model('resnet_small')})  # a pickled nn.Module, not tensors
+    with pytest.raises(zoo.CheckpointError, match='cannot read checkpoint'):
+        zoo.load_checkpoint(zoo.build_model('resnet_small'), path)

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
-from mrecg.quantization import (QuantizerSpec, QuantSettings, calibrate, disable_all, fold_bn, prepare_model,
+from mrecg import zoo
+from mrecg.config import QuantizeConfig
+from mrecg.quantization import (calibrate, disable_all, fold_bn, prepare_model,
                                 quantizer_bits)
 
 
@@ -22,7 +23,7 @@ def _randomise_bn(model):
 @pytest.mark.parametrize('name,shape', [('mobilenet_v2_small', (4, 1, 8, 8)), ('resnet_small', (4, 1, 8, 8)),
                                         ('resnet18', (2, 3, 64, 64)), ('regnetx_600m', (2, 3, 64, 64))])
 def test_bn_folding_keeps_float_outputs(name, shape):
-    model = _randomise_bn(models.build_model(name)).eval()
+    model = _randomise_bn(zoo.build_model(name)).eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(x)
@@ -47,9 +48,8 @@ def test_first_and_last_layers_are_8_bit_and_quantizers_toggle(calibrated):
 
 
 def test_calibration_sets_ranges():
-    model = models.build_model('resnet_small').eval()
-    settings = QuantSettings(QuantizerSpec(4, 'AdaRoundFakeQuantize', 'MSEObserver', per_channel=True),
-                             QuantizerSpec(4, 'QDropFakeQuantize', 'EMAMSEObserver'))
+    model = zoo.build_model('resnet_small').eval()
+    settings = QuantizeConfig(w_qconfig={'bit': 4, 'p': 2.0}, a_qconfig={'bit': 4, 'p': 2.0})
     q = prepare_model(model, settings)
     calibrate(q, torch.randn(32, 1, 8, 8), 16, torch.device('cpu'))
     act = q.layer1_0_relu1_post_act_fake_quantizer

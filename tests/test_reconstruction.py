@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from mrecg.reconstruction import ReconSettings, Reconstructor, round_beta
+from mrecg.config import ReconstructionConfig
+from mrecg.reconstruction import Reconstructor, round_beta
 from mrecg.units import UnitPartition, groups_from_spans, model_base_units
 
 
@@ -14,10 +15,12 @@ def make(calibrated, spans=(), iterations=40, prob=0.5, seed=0, **kw):
     _, folded, qmodel, fp, images = calibrated
     q = copy.deepcopy(qmodel)
     part = UnitPartition.build(q, model_base_units(folded))
-    settings = ReconSettings(iterations=iterations, batch_size=16, prob=prob, weight=0.1, chunk_size=32,
-                             log_every=10, **kw)
-    return Reconstructor(q, fp, part, groups_from_spans(list(spans), len(part.units)), settings,
-                         torch.device('cpu'), seed, progress=False), q, images
+    settings = ReconstructionConfig(iterations=max(iterations, 1), enabled=iterations > 0, batch_size=16, prob=prob,
+                                    weight=0.1, **kw)
+    recon = Reconstructor(q, fp, part, groups_from_spans(list(spans), len(part.units)), settings,
+                          torch.device('cpu'), seed, progress=False, chunk_size=32)
+    recon.LOG_EVERY = 10
+    return recon, q, images
 
 
 def test_reconstruction_lowers_the_unit_loss(calibrated):

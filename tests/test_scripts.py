@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from ptq_main import main
+from mrecg.cli import main
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True)
                  if '_base_' not in p)

@@ -10,7 +10,7 @@ from typing import List, Tuple
 import numpy as np
 import torch.nn as nn
 
-from models.registry import register_model
+from mrecg.zoo.registry import register_model
 
 REGNETX_600M = dict(w_a=36.97, w_0=48, w_m=2.24, depth=16, group_w=24)
 

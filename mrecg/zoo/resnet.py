@@ -9,7 +9,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models.registry import register_model
+from mrecg.zoo.registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 
 import torch.nn as nn
 
-from models.registry import register_model
+from mrecg.zoo.registry import register_model
 
 IMAGENET_SETTING = (  # t (expansion), c (channels), n (repeats), s (stride of the first)
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
