@@ -16,7 +16,7 @@ from mrecg import capacity, grouping
 from mrecg.config import Config
 from mrecg.errors import UserError
 from mrecg.quantization import fold_bn, layer_bit_table, prepare_model
-from mrecg.units import (BaseUnit, UnitPartition, groups_from_spans, is_generic, join_forks, layer_base_units,
+from mrecg.units import (BaseUnit, UnitPartition, called_only, groups_from_spans, is_generic, join_forks, layer_base_units,
                          model_base_units)
 
 Span = Tuple[int, int]
@@ -48,7 +48,7 @@ def prepare(model: nn.Module, cfg: Config) -> Prepared:
         else:
             units = model_base_units(folded, cfg.model.units)
             if generic:
-                units = join_forks(qmodel, units)
+                units = join_forks(qmodel, called_only(qmodel, units))
         partition = UnitPartition.build(qmodel, units)
     except ValueError as exc:
         raise UserError(f'model.units: {exc}') from None

@@ -40,20 +40,38 @@ def model_base_units(model: nn.Module, override: Optional[Sequence[Sequence[str]
     return generic_partition(model)
 
 
-def _has_weight_layer(module: nn.Module) -> bool:
-    return any(isinstance(m, WEIGHT_LAYERS) for m in module.modules())
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _weight_layers(module: nn.Module) -> int:
+    return sum(isinstance(m, WEIGHT_LAYERS) for m in module.modules())
+
+
+def _parts(module: nn.Module):
+    """(relative name, module) of the children, looking through Sequential/ModuleList/ModuleDict."""
+    for name, child in module.named_children():
+        if isinstance(child, CONTAINERS):
+            yield from ((f'{name}.{n}', c) for n, c in _parts(child))
+        else:
+            yield name, child
+
+
+def _is_stage(module: nn.Module) -> bool:
+    """A module made of several blocks (two or more parts with two or more conv/linear layers each), such as
+    a RegNet or ConvNeXt stage or a transformer block: split it; its blocks become the candidate units."""
+    return sum(_weight_layers(child) >= 2 for _, child in _parts(module)) >= 2
 
 
 def generic_partition(model: nn.Module) -> List[BaseUnit]:
-    """For models without ``unit_partition``: descend through Sequential/ModuleList containers; every other
-    child that holds a conv/linear becomes a unit; modules without one join the previous unit (the next one
-    if none came before)."""
+    """For models without ``unit_partition``: descend through containers and stages; every other module that
+    holds a conv/linear becomes a candidate unit; modules without one join the previous unit (the next one
+    if none came before). ``join_forks`` then merges candidates that a residual connection spans."""
     leaves: List[Tuple[str, nn.Module]] = []
 
     def walk(prefix: str, module: nn.Module):
         for name, child in module.named_children():
             full = f'{prefix}{name}'
-            if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            if isinstance(child, CONTAINERS) or _is_stage(child):
                 walk(full + '.', child)
             else:
                 leaves.append((full, child))
@@ -62,7 +80,7 @@ def generic_partition(model: nn.Module) -> List[BaseUnit]:
     groups: List[List[str]] = []
     pending: List[str] = []
     for name, child in leaves:
-        if _has_weight_layer(child):
+        if _weight_layers(child):
             groups.append(pending + [name])
             pending = []
         elif groups:
@@ -72,6 +90,25 @@ def generic_partition(model: nn.Module) -> List[BaseUnit]:
     if pending and groups:
         groups[-1].extend(pending)
     return [BaseUnit(g[-1] if len(g) == 1 else '+'.join(g), tuple(g)) for g in groups]
+
+
+def called_only(prepared: fx.GraphModule, units: List[BaseUnit]) -> List[BaseUnit]:
+    """Drop the modules the traced graph never calls (auxiliary heads used only in training, modules
+    disabled by configuration), and units left empty by that."""
+    called = set()
+    for node in prepared.graph.nodes:
+        if node.op == 'call_module':
+            called.add(_strip_dup(node.target))
+        stack = node.meta.get('nn_module_stack') or {}
+        for path in stack.values():
+            called.add(path[0] if isinstance(path, tuple) else path)
+    prefixes = {'.'.join(c.split('.')[:i]) for c in called for i in range(1, len(c.split('.')) + 1)}
+    kept = []
+    for u in units:
+        mods = tuple(m for m in u.modules if m in prefixes)
+        if mods:
+            kept.append(u if mods == u.modules else BaseUnit('+'.join(mods) if len(mods) > 1 else mods[0], mods))
+    return kept
 
 
 def is_generic(model: nn.Module, override) -> bool:
@@ -96,21 +133,62 @@ def boundary_widths(partition: 'UnitPartition') -> List[int]:
 def join_forks(prepared: fx.GraphModule, units: List[BaseUnit]) -> List[BaseUnit]:
     """The graph rule for networks we have never seen: a unit may only end where a single tensor flows on,
     so a residual block (fork ... join) is always one unit, and a plain chain keeps one unit per layer
-    (with its BN, activation and pooling). Adjacent units are merged across every wider boundary."""
+    (with its BN, activation and pooling). Where a boundary is wider, a unit's trailing modules without
+    weights (a norm before the next block's branch) move to the next unit if that narrows it to one tensor;
+    across every boundary still wider, adjacent units merge."""
     if len(units) < 2:
         return units
+    units = list(units)
     widths = boundary_widths(UnitPartition.build(prepared, units))
+    for i, width in enumerate(widths):
+        if width > 1:
+            moved = _move_tail(prepared, units, i)
+            if moved is not None:
+                units, widths[i] = moved, 1
     merged: List[List[BaseUnit]] = [[units[0]]]
     for unit, width in zip(units[1:], widths):
         if width > 1:
             merged[-1].append(unit)
         else:
             merged.append([unit])
-    return [run[0] if len(run) == 1 else BaseUnit(_span_name(run), tuple(m for u in run for m in u.modules))
+    everything = [m for u in units for m in u.modules]
+    return [run[0] if len(run) == 1 else BaseUnit(_span_name(run, everything), tuple(m for u in run for m in u.modules))
             for run in merged]
 
 
-def _span_name(run: List[BaseUnit]) -> str:
+def _move_tail(prepared: fx.GraphModule, units: List[BaseUnit], i: int) -> Optional[List[BaseUnit]]:
+    """Units with the shortest end of unit i's weightless tail moved to unit i+1 that leaves one tensor
+    crossing; None if no such move exists."""
+    modules = dict(prepared.named_modules())
+    mods = list(units[i].modules)
+    cut = len(mods)
+    while cut > 1 and mods[cut - 1] in modules and not _weight_layers(modules[mods[cut - 1]]):
+        cut -= 1
+    for start in range(len(mods) - 1, cut - 1, -1):
+        head, tail = mods[:start], mods[start:]
+        trial = units[:i] + [BaseUnit('+'.join(head) if len(head) > 1 else head[0], tuple(head)),
+                             BaseUnit(units[i + 1].name, tuple(tail) + units[i + 1].modules)] + units[i + 2:]
+        try:
+            if boundary_widths(UnitPartition.build(prepared, trial))[i] == 1:
+                return trial
+        except ValueError:
+            continue
+    return None
+
+
+def _span_name(run: List[BaseUnit], everything: List[str]) -> str:
+    """A merged unit is called after the module that holds all of it and nothing else (``layer1.0``), else
+    after its ends."""
+    paths = [m.split('.') for u in run for m in u.modules]
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    prefix = '.'.join(common)
+    inside = {m for u in run for m in u.modules}
+    if common and not any(m == prefix or m.startswith(prefix + '.') for m in everything if m not in inside):
+        return prefix
     return '+'.join(u.name for u in run) if len(run) == 2 else f'{run[0].name}..{run[-1].name}'
 
 

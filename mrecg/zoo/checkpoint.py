@@ -81,7 +81,10 @@ def load_checkpoint(model: nn.Module, path: str, family: str = '') -> None:
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # pickle with code, truncated file, not a torch file
-        raise CheckpointError(f'cannot read checkpoint {path}: {str(exc).splitlines()[0]}') from None
+        text = str(exc).strip()
+        raise CheckpointError(f'cannot read checkpoint {path}: {text.splitlines()[0] if text else type(exc).__name__} '
+                              '(only tensors load: weights_only=True; a file that needs code to load is refused)') \
+            from None
     sd = _rename(_strip_prefixes(_unwrap(obj)), model, family)
     sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
@@ -98,4 +101,8 @@ def load_checkpoint(model: nn.Module, path: str, family: str = '') -> None:
         if shape:
             parts.append(f'shape mismatch: {_summary(shape, 3)}')
         raise CheckpointError(f'checkpoint {path} does not fit the model: ' + '; '.join(parts))
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f'checkpoint {path} holds NaN or infinite values in {len(bad)} tensors: {_summary(bad)} '
+                              '(a diverged or corrupted training run?)')
     model.load_state_dict(sd, strict=False)
