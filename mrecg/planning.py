@@ -16,8 +16,8 @@ from mrecg import capacity, grouping
 from mrecg.config import Config
 from mrecg.errors import UserError
 from mrecg.quantization import fold_bn, layer_bit_table, prepare_model
-from mrecg.units import (BaseUnit, UnitPartition, called_only, groups_from_spans, is_generic, join_forks, layer_base_units,
-                         model_base_units)
+from mrecg.units import (BaseUnit, UnitPartition, called_only, groups_from_spans, is_generic, join_forks,
+                         layer_base_units, model_base_units, modules_with_own_ops)
 
 Span = Tuple[int, int]
 
@@ -46,7 +46,7 @@ def prepare(model: nn.Module, cfg: Config) -> Prepared:
         if cfg.quantize.reconstruction.granularity == 'layer':
             units = layer_base_units(qmodel)
         else:
-            units = model_base_units(folded, cfg.model.units)
+            units = model_base_units(folded, cfg.model.units, modules_with_own_ops(qmodel))
             if generic:
                 units = join_forks(qmodel, called_only(qmodel, units))
         partition = UnitPartition.build(qmodel, units)

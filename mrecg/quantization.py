@@ -8,7 +8,6 @@ that by default (``quantize.fold_bn``) and record the choice with every result.
 """
 import logging
 import fnmatch
-import sys
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -24,7 +23,7 @@ from mqbench.fake_quantize.qdrop_quantizer import QDropFakeQuantize  # noqa: E40
 from mqbench.prepare_by_platform import BackendType, prepare_by_platform  # noqa: E402
 from mrecg.config import LayerBits, QuantizeConfig  # noqa: E402
 from mrecg.errors import UserError  # noqa: E402
-from mrecg.tracing import check_traceable, trace_error  # noqa: E402
+from mrecg.tracing import check_traceable, prepare_error  # noqa: E402
 from mqbench.utils.state import (disable_all, enable_calibration_woquantization,  # noqa: E402,F401
                                  enable_quantization)
 
@@ -77,7 +76,7 @@ def prepare_model(model: nn.Module, settings: QuantizeConfig) -> fx.GraphModule:
     try:
         prepared = prepare_by_platform(model, BackendType.Academic, settings.mqbench_prepare_dict())
     except Exception as exc:
-        raise trace_error(model, exc, sys.exc_info()[2], 'MQBench') from None
+        raise prepare_error(exc) from None
     prepared.eval()
     disable_all(prepared)
     apply_layer_bits(prepared, settings.layer_bits, settings.w_qconfig.symmetric, settings.a_qconfig.symmetric)

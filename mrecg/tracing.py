@@ -34,10 +34,17 @@ def failing_module(model: nn.Module, tb) -> Optional[str]:
     return f"module '{name}' ({cls}, {filename}:{line})"
 
 
-def trace_error(model: nn.Module, exc: BaseException, tb, what: str = 'torch.fx') -> UserError:
+def trace_error(model: nn.Module, exc: BaseException, tb) -> UserError:
     where = failing_module(model, tb)
     where = f' in {where}' if where else ''
-    return UserError(f'{what} cannot trace the model{where}: {type(exc).__name__}: {first_line(exc)}; {ADVICE}')
+    return UserError(f'torch.fx cannot trace the model{where}: {type(exc).__name__}: {first_line(exc)}; {ADVICE}')
+
+
+def prepare_error(exc: BaseException) -> UserError:
+    """MQBench traced the model but could not insert its quantizers (a layer type it does not support)."""
+    return UserError(f'MQBench cannot quantize the model (it traced, but inserting quantizers failed): '
+                     f'{type(exc).__name__}: {first_line(exc)}; MQBench\'s academic backend quantizes Conv2d and '
+                     'Linear: replace the layer it names, or quantize a part of the model without it')
 
 
 def check_traceable(model: nn.Module) -> fx.GraphModule:

@@ -15,7 +15,7 @@ tensor can be freed.
 """
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
@@ -29,7 +29,8 @@ class BaseUnit:
     modules: Tuple[str, ...]
 
 
-def model_base_units(model: nn.Module, override: Optional[Sequence[Sequence[str]]] = None) -> List[BaseUnit]:
+def model_base_units(model: nn.Module, override: Optional[Sequence[Sequence[str]]] = None,
+                     own_ops: Optional[Set[str]] = None) -> List[BaseUnit]:
     """The default block partition: an explicit ``override`` (lists of module names), else the model's own
     ``unit_partition()``, else a generic one (see ``generic_partition``; ``join_forks`` then completes it on
     the prepared graph)."""
@@ -37,7 +38,7 @@ def model_base_units(model: nn.Module, override: Optional[Sequence[Sequence[str]
         return [BaseUnit('+'.join(mods), tuple(mods)) for mods in override]
     if hasattr(model, 'unit_partition'):
         return [BaseUnit(name, tuple(mods)) for name, mods in model.unit_partition()]
-    return generic_partition(model)
+    return generic_partition(model, own_ops)
 
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -56,22 +57,36 @@ def _parts(module: nn.Module):
             yield name, child
 
 
-def _is_stage(module: nn.Module) -> bool:
-    """A module made of several blocks (two or more parts with two or more conv/linear layers each), such as
-    a RegNet or ConvNeXt stage or a transformer block: split it; its blocks become the candidate units."""
-    return sum(_weight_layers(child) >= 2 for _, child in _parts(module)) >= 2
+def _is_stage(module: nn.Module, name: str, own_ops: Set[str]) -> bool:
+    """A module made of several blocks (two or more parts with two or more conv/linear layers each) that only
+    chains them (no operation of its own, such as a residual add), like a RegNet or ConvNeXt stage: split
+    it; its blocks become the candidate units. A block with its own add stays whole."""
+    return name not in own_ops and sum(_weight_layers(child) >= 2 for _, child in _parts(module)) >= 2
 
 
-def generic_partition(model: nn.Module) -> List[BaseUnit]:
+def modules_with_own_ops(graph_module: fx.GraphModule) -> Set[str]:
+    """Modules whose forward runs operations of its own (function and method calls), from the traced graph."""
+    owners = set()
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get('nn_module_stack')
+        if node.op in ('call_function', 'call_method') and stack:
+            path = list(stack.values())[-1]
+            owners.add(path[0] if isinstance(path, tuple) else path)
+    return owners
+
+
+def generic_partition(model: nn.Module, own_ops: Optional[Set[str]] = None) -> List[BaseUnit]:
     """For models without ``unit_partition``: descend through containers and stages; every other module that
     holds a conv/linear becomes a candidate unit; modules without one join the previous unit (the next one
-    if none came before). ``join_forks`` then merges candidates that a residual connection spans."""
+    if none came before). ``join_forks`` then merges candidates that a residual connection spans.
+    ``own_ops`` (``modules_with_own_ops`` of the traced model) keeps blocks with their own adds whole."""
     leaves: List[Tuple[str, nn.Module]] = []
+    own_ops = own_ops or set()
 
     def walk(prefix: str, module: nn.Module):
         for name, child in module.named_children():
             full = f'{prefix}{name}'
-            if isinstance(child, CONTAINERS) or _is_stage(child):
+            if isinstance(child, CONTAINERS) or _is_stage(child, full, own_ops):
                 walk(full + '.', child)
             else:
                 leaves.append((full, child))
