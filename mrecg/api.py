@@ -176,57 +176,90 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
     ``resume``/``on_unit_done`` continue from, and report, the state after each unit (the CLI's checkpoint).
     """
     cfg = as_config(config)
-    dev = resolve_device(device or cfg.process.device)
-    t_start, timings = time.perf_counter(), Timings()
     if not isinstance(model, nn.Module):
         raise UserError(f'model must be a torch.nn.Module, got {type(model).__name__}')
-    images = _timed(timings, 'calibration_data_seconds', lambda: calibration_images(
+    run = _Session(cfg, resolve_device(device or cfg.process.device), progress, resume)
+    images = run.timed('calibration_data_seconds', lambda: calibration_images(
         calib_data, cfg.quantize.cali_size, cfg.process.seed, cfg.data.batch_size, cfg.data.num_workers))
     model = model.eval()
-    fp_acc = resume.fp_accuracy if resume else _timed(
-        timings, 'fp_eval_seconds', lambda: _evaluate(model.to(dev), eval_data, cfg, dev, 'eval float', progress))
+    fp_acc = resume.fp_accuracy if resume else run.timed(
+        'fp_eval_seconds', lambda: _evaluate(model.to(run.device), eval_data, cfg, run.device, 'eval float', progress))
     if fp_acc is not None and not resume:
         log.info('float top-1 %s top-5 %s on %d images', fp_acc.top1, fp_acc.top5, fp_acc.images)
-    prepared = prepare(model.cpu(), cfg)
-    validate_grouping(cfg, prepared)
-    qmodel = prepared.qmodel.to(dev)
-    fp_model = copy.deepcopy(qmodel)
+    cache = RunCache(cache_dir, cfg, model, data_id or images_id(images),
+                     cfg.model.type or type(model).__name__) if cache_dir else None
+    prepared, fp_model = _calibrated(run, model, images, cache)
+    info = resume.grouping if resume else run.timed('grouping_seconds', lambda: choose_groups(
+        cfg, prepared.partition, lambda: _probe_losses(cfg, prepared, fp_model, images, run.device, progress, cache)))
+    recon, results = _reconstruct(run, prepared, fp_model, info, images, fp_acc, on_unit_done)
+    enable_quantization(prepared.qmodel)
+    q_acc = run.timed('quant_eval_seconds', lambda: _evaluate(prepared.qmodel, eval_data, cfg, run.device,
+                                                              'eval quantized', progress))
+    if q_acc is not None:
+        log.info('quantized top-1 %s top-5 %s', q_acc.top1, q_acc.top5)
+    run.timings.total_seconds = run.elapsed()
+    return QuantizationResult(prepared.qmodel, cfg.method, [u.name for u in prepared.units], list(recon.unit_losses),
+                              results, info, fp_acc, q_acc, layer_bit_table(prepared.qmodel), run.timings,
+                              recon.peak_cache_bytes, prepared.bn_folded, str(run.device), _warnings(results, q_acc),
+                              resumed=resume is not None)
+
+
+class _Session:
+    """The clock, timings and settings one ``quantize`` call shares between its steps."""
+
+    def __init__(self, cfg: Config, device: torch.device, progress: bool, resume: Optional[RunState]):
+        self.cfg, self.device, self.progress, self.resume = cfg, device, progress, resume
+        self.start, self.timings = time.perf_counter(), Timings()
+        self.before = resume.elapsed if resume else 0.0
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        return _timed(self.timings, name, fn)
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+def _calibrated(run: _Session, model: nn.Module, images: torch.Tensor,
+                cache: Optional[RunCache]) -> Tuple[Prepared, fx.GraphModule]:
+    """The prepared model with its quantizer ranges (calibrated, cached, or restored on resume), and the float
+    twin that gives the reconstruction targets."""
+    prepared = prepare(model.cpu(), run.cfg)
+    validate_grouping(run.cfg, prepared)
+    prepared.qmodel.to(run.device)
+    fp_model = copy.deepcopy(prepared.qmodel)
     disable_all(fp_model)
-    label = cfg.model.type or type(model).__name__
-    cache = RunCache(cache_dir, cfg, model, data_id or images_id(images), label) if cache_dir else None
-    warnings: List[str] = []
-    if resume:
-        restore_state(qmodel, resume)
-        qmodel.to(dev)
-    elif _timed(timings, 'calibration_seconds', lambda: _calibrate(prepared, images, cfg, dev, cache)):
-        log.info('calibration: reused the cached quantizer ranges (%s)', cache_dir)
-    info = resume.grouping if resume else _timed(timings, 'grouping_seconds', lambda: choose_groups(
-        cfg, prepared.partition, lambda: _probe_losses(cfg, prepared, fp_model, images, dev, progress, cache)))
+    if run.resume:
+        restore_state(prepared.qmodel, run.resume)
+        prepared.qmodel.to(run.device)
+    elif run.timed('calibration_seconds', lambda: _calibrate(prepared, images, run.cfg, run.device, cache)):
+        log.info('calibration: reused the cached quantizer ranges (%s)', cache.folder)
+    return prepared, fp_model
+
+
+def _reconstruct(run: _Session, prepared: Prepared, fp_model: fx.GraphModule, info: GroupingInfo,
+                 images: torch.Tensor, fp_acc: Optional[Accuracy],
+                 on_unit_done: Optional[Callable[[RunState], None]]) -> Tuple[Reconstructor, List[GroupResult]]:
+    """Reconstruct every group (after those a resumed run finished), reporting the state after each."""
+    qmodel = prepared.qmodel
     groups = groups_from_spans([tuple(s) for s in info.spans], len(prepared.units))
     log.info('%d base units -> %d reconstruction units (%s); %s', len(prepared.units), len(groups), info.source,
              ' | '.join(f'[{"+".join(g)}]' for g in info.groups) or 'no merged groups')
-    done = list(resume.results) if resume else []
-    elapsed_before = resume.elapsed if resume else 0.0
 
     def report(results: List[GroupResult]) -> None:
         if on_unit_done is not None:
             on_unit_done(RunState(fp_acc, info, list(results), hardened_layers(qmodel), qmodel.state_dict(),
-                                  elapsed_before + time.perf_counter() - t_start))
-    if not resume:
+                                  run.elapsed()))
+    if not run.resume:
         report([])
-    recon = Reconstructor(qmodel, fp_model, prepared.partition, groups, cfg.quantize.reconstruction, dev,
-                          cfg.process.seed, progress, chunk_size=cfg.data.batch_size)
-    results = _timed(timings, 'reconstruction_seconds', lambda: recon.run(images, done, on_group_done=report))
-    enable_quantization(qmodel)
-    q_acc = _timed(timings, 'quant_eval_seconds',
-                   lambda: _evaluate(qmodel, eval_data, cfg, dev, 'eval quantized', progress))
-    if q_acc is not None:
-        log.info('quantized top-1 %s top-5 %s', q_acc.top1, q_acc.top5)
-    warnings += [w for r in results for w in r.warnings]
+    recon = Reconstructor(qmodel, fp_model, prepared.partition, groups, run.cfg.quantize.reconstruction, run.device,
+                          run.cfg.process.seed, run.progress, chunk_size=run.cfg.data.batch_size)
+    done = list(run.resume.results) if run.resume else []
+    return recon, run.timed('reconstruction_seconds', lambda: recon.run(images, done, on_group_done=report))
+
+
+def _warnings(results: List[GroupResult], q_acc: Optional[Accuracy]) -> List[str]:
+    warnings = [w for r in results for w in r.warnings]
     if q_acc is not None and q_acc.top1 is None:
-        warnings.append(f'the quantized model produced non-finite logits in {q_acc.nonfinite_batches} batches: '
-                        'no accuracy is reported')
-    timings.total_seconds = elapsed_before + time.perf_counter() - t_start
-    return QuantizationResult(qmodel, cfg.method, [u.name for u in prepared.units], list(recon.unit_losses), results,
-                              info, fp_acc, q_acc, layer_bit_table(qmodel), timings, recon.peak_cache_bytes,
-                              prepared.bn_folded, str(dev), warnings, resumed=resume is not None)
+        warnings.append(f'the quantized model produced non-finite logits in {q_acc.nonfinite_batches} '
+                            'batches: no accuracy is reported')
+    return warnings
