@@ -35,6 +35,23 @@ def make_digits(split, labelled_val=True):
     return Digits(split) if split == 'train' or labelled_val else None
 
 
+class BrokenAfterFirst(Digits):
+    """Evaluation data that reads fine once (the float model's evaluation) and then fails (the disk went
+    away while the model was being reconstructed)."""
+    reads = 0
+
+    def __getitem__(self, i):
+        if i == 50:
+            BrokenAfterFirst.reads += 1
+            if BrokenAfterFirst.reads > 1:
+                raise OSError('disk read error')
+        return super().__getitem__(i)
+
+
+def make_broken_val(split):
+    return Digits(split) if split == 'train' else BrokenAfterFirst(split)
+
+
 def make_broken(split):
     raise ValueError('the bucket is unreachable')
 
@@ -115,6 +132,16 @@ def test_corrupt_image_is_one_line_and_nothing_is_written(tmp_path, capsys):
     code, _, err = run(_folder_config(tmp_path, tmp_path / 'imgs'), tmp_path, capsys)
     assert code == 2 and 'cannot read calibration data' in err and err.count('\n') == 1
     assert not (tmp_path / 'out' / 'results.json').exists()
+
+
+def test_data_failing_after_reconstruction_keeps_the_finished_units(tmp_path, capsys):
+    cfg = deep_update(TINY, {'data': {'type': f'{THIS}:make_broken_val', 'num_workers': 0},
+                             'process': {'cache_dir': str(tmp_path / 'cache')}})
+    code, _, err = run(cfg, tmp_path, capsys)
+    assert code == 2 and 'cannot read evaluation data: OSError: disk read error' in err
+    assert f'continue with: python ptq_main.py --resume {tmp_path / "out"}' in err and err.count('\n') == 1
+    state = torch.load(tmp_path / 'out' / 'checkpoint.pt', weights_only=True)
+    assert len(state['results']) == 9  # every unit was reconstructed and is kept
 
 
 class Hostile:
