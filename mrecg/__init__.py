@@ -15,6 +15,12 @@ from mrecg.planning import GroupingInfo, Plan, Prepared, prepare  # noqa: F401
 from mrecg.zoo import create_model, list_models  # noqa: F401
 
 
+def export_onnx(model, path, sample, eval_batches=None):
+    """``result.model`` as ONNX with low-bit weights, checked in onnxruntime (see ``mrecg.export``)."""
+    from mrecg.export import export_onnx as export
+    return export(model, path, sample, eval_batches)
+
+
 def plan(model, config=None, cached_losses=None):
     """What a run of ``config`` would do on ``model`` (units, ModCap, groups, bits), without data."""
     from mrecg.planning import plan as make_plan

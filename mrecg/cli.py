@@ -21,7 +21,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog='ptq_main.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', help='YAML config (may extend others with _base_)')
     p.add_argument('--output', help='output folder (default: outputs/<config path under configs/>)')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument('--resume', metavar='DIR', help='continue the interrupted run in DIR (uses DIR/config.yaml)')
     p.add_argument('--overwrite', action='store_true', help='replace a finished or unfinished run in the output folder')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.add_argument('--export', choices=['onnx'], help='also write DIR/model.onnx (low-bit QDQ) and check it in '
+                                                      'onnxruntime (scripts/export.py DIR for a finished run)')
     args = p.parse_args(argv)
     if bool(args.config) == bool(args.resume):
         p.error('give either --config or --resume DIR')
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         runner.prepare_output_dir(output, bool(args.resume), args.overwrite)
         setup_logging(os.path.join(output, runner.LOG))
         record = runner.run(cfg, model, train, val, output, device, resume=bool(args.resume),
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, export=args.export == 'onnx')
     except UserError as exc:
         print(f'error: {exc}{resume_hint(output)}', file=sys.stderr)
         return 2
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
         print(f'\ninterrupted: finished units are saved{resume_hint(output)}', file=sys.stderr)
         return 130
     print(summary_line(record, output))
+    if 'export' in record:
+        print(export_line(record['export']))
     return 0
 
 
@@ -92,6 +96,14 @@ def resume_hint(output) -> str:
     if output and os.path.isfile(os.path.join(output, 'checkpoint.pt')):
         return f'; continue with: python ptq_main.py --resume {output}'
     return ''
+
+
+def export_line(e) -> str:
+    top1 = '' if e['onnxruntime_top1'] is None else (
+        f', onnxruntime top-1 {e["onnxruntime_top1"]:.2f} (fake-quant {e["fake_quant_top1"]:.2f}, '
+        f'{e["agreement"]:.2f} % agree, max logit diff {e["max_logit_diff"]:.3g})')
+    return (f'onnx: {e["path"]} {e["file_bytes"] / 1e3:.0f} kB (float {e["float_file_bytes"] / 1e3:.0f} kB){top1}, '
+            f'batch-1 latency {e["latency_ms"]["quantized"]:.2f} ms (float {e["latency_ms"]["float"]:.2f} ms)')
 
 
 def summary_line(r, output: str) -> str:

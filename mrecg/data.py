@@ -50,7 +50,11 @@ class TensorData(Dataset):
 
 # ---- built-in tensor datasets ------------------------------------------------------------------------
 def digits(split: str, seed: int) -> TensorData:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+    try:
+        from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+    except ImportError:
+        raise UserError('data.type digits needs scikit-learn (it ships the digits): pip install scikit-learn') \
+            from None
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)

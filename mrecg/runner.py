@@ -30,6 +30,7 @@ from mrecg.zoo import CheckpointError, create_model, load_checkpoint, registry_f
 log = logging.getLogger('mrecg')
 CONFIG, RESULTS, CSV, PLOT, STATE, LOG, QMODEL = ('config.yaml', 'results.json', 'results.csv', 'loss_curve.png',
                                                   'checkpoint.pt', 'run.log', 'quantized_model.pt')
+ONNX = 'model.onnx'
 STATE_FORMAT = 3  # 3: typed run state (GroupingInfo fields) from the Python API
 
 
@@ -159,8 +160,9 @@ def check_run(cfg: Config) -> Tuple[nn.Module, Any, Optional[Any]]:
 
 
 def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, resume: bool = False,
-        progress: bool = True) -> Dict[str, Any]:
-    """Quantize into ``output`` (checked by ``prepare_output_dir``); returns the results record."""
+        progress: bool = True, export: bool = False) -> Dict[str, Any]:
+    """Quantize into ``output`` (checked by ``prepare_output_dir``); returns the results record. With
+    ``export`` the result is also written as ONNX and checked in onnxruntime (``export_folder``)."""
     config_path = os.path.join(output, CONFIG)
     if not resume or not os.path.isfile(config_path):
         write_text(config_path, dump_config(cfg))
@@ -173,7 +175,27 @@ def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, res
     save_torch(os.path.join(output, QMODEL), result.model.state_dict())
     record = results_record(cfg, result)
     write_outputs(output, cfg, result, record)
+    if export:
+        export_folder(output, cfg, result.model, train, val, record)
     return record
+
+
+def export_folder(output: str, cfg: Config, qmodel: nn.Module, train, val, record: Dict[str, Any]):
+    """``DIR/model.onnx`` (+ ``model.float.onnx``) from the quantized model, checked in onnxruntime on the
+    evaluation data; the report goes into ``results.json`` under ``export`` before the 0.1-point rule is
+    applied, so a failing check loses nothing."""
+    from mrecg.data import eval_batches
+    from mrecg.export import check_export, export_onnx
+    sample = train[0][0] if isinstance(train[0], (tuple, list)) else train[0]
+    batches = eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit) if val is not None else None
+    report = export_onnx(qmodel.cpu(), os.path.join(output, ONNX), sample.unsqueeze(0), batches)
+    record['export'] = report.to_dict()
+    write_json(os.path.join(output, RESULTS), record)
+    log.info('export: %s (%d bytes; float %d bytes), onnxruntime top-1 %s vs fake-quant %s, %s %% agree',
+             report.path, report.file_bytes, report.float_file_bytes, report.onnxruntime_top1,
+             report.fake_quant_top1, report.agreement)
+    check_export(report)
+    return report
 
 
 def write_outputs(output: str, cfg: Config, result: QuantizationResult, record: Dict[str, Any]) -> None:

@@ -1,0 +1,24 @@
+"""MRECG post-training quantization: BRECQ / QDrop block reconstruction with mixed reconstruction
+granularity, on MQBench.
+
+    import mrecg
+    result = mrecg.quantize(model, calib_images, mrecg.Config(...), eval_data=(test_x, test_y))
+    print(mrecg.plan(model, config))     # units, ModCap, groups: what --plan prints
+"""
+from mrecg.api import QuantizationResult, RunState, Timings, quantize, resolve_device  # noqa: F401
+from mrecg.config import (ActQuantConfig, Config, DataConfig, LayerBits, ModelConfig, MrecgConfig,  # noqa: F401
+                          ProcessConfig, QuantizeConfig, ReconstructionConfig, WeightQuantConfig, as_config,
+                          load_config)
+from mrecg.errors import ConfigError, UserError  # noqa: F401
+from mrecg.evaluation import Accuracy  # noqa: F401
+from mrecg.planning import GroupingInfo, Plan, Prepared, prepare  # noqa: F401
+from mrecg.zoo import create_model, list_models  # noqa: F401
+
+
+def plan(model, config=None, cached_losses=None):
+    """What a run of ``config`` would do on ``model`` (units, ModCap, groups, bits), without data."""
+    from mrecg.planning import plan as make_plan
+    return make_plan(model, as_config(config), cached_losses)
+
+
+__version__ = '0.2.0'

@@ -1,0 +1,106 @@
+"""Post-training quantization with BRECQ / QDrop block reconstruction and MRECG grouping.
+
+    ptq_main.py --config configs/qdrop/mbv2_2_4.yaml
+    ptq_main.py --config configs/demo/digits_qdrop_2_4.yaml --set mrecg.k=3 --output outputs/k3
+    ptq_main.py --config configs/qdrop/res18_2_4.yaml --plan      # units, ModCap, groups; no data
+    ptq_main.py --resume outputs/qdrop/mbv2_2_4                   # continue an interrupted run
+
+(``mrecg-ptq`` is the same command once the package is installed.)
+Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (resumable), 1 internal error.
+"""
+import argparse
+import os
+import sys
+
+from mrecg.config import PROJECT_ROOT
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f'error: {message} (see --help)\n')
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog='ptq_main.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', help='YAML config (may extend others with _base_)')
+    p.add_argument('--output', help='output folder (default: outputs/<config path under configs/>)')
+    p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                   help='override config keys, e.g. mrecg.k=3 (repeatable)')
+    p.add_argument('--device', choices=['auto', 'cpu', 'cuda'], help='default: process.device (auto = CUDA if present)')
+    p.add_argument('--plan', action='store_true', help='print base units, ModCap and the chosen groups, then exit')
+    p.add_argument('--resume', metavar='DIR', help='continue the interrupted run in DIR (uses DIR/config.yaml)')
+    p.add_argument('--overwrite', action='store_true', help='replace a finished or unfinished run in the output folder')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    args = p.parse_args(argv)
+    if bool(args.config) == bool(args.resume):
+        p.error('give either --config or --resume DIR')
+    if args.resume and (args.set or args.output or args.plan):
+        p.error('--resume takes the config saved in DIR; --set, --output and --plan do not apply')
+    return args
+
+
+def default_output(config_path: str) -> str:
+    rel = os.path.relpath(os.path.abspath(config_path), os.path.join(PROJECT_ROOT, 'configs'))
+    if rel.startswith('..'):
+        rel = os.path.basename(config_path)
+    return os.path.join('outputs', os.path.splitext(rel)[0])
+
+
+def print_plan(cfg) -> None:
+    from mrecg.config import resolve_path
+    from mrecg.planning import plan
+    from mrecg.runner import build_float_model, cached_plan_losses
+    path = resolve_path(cfg.model.path)
+    model = build_float_model(cfg, load=bool(path) and os.path.isfile(path))
+    print(plan(model, cfg, lambda names: cached_plan_losses(cfg, model, names)))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mrecg.errors import UserError
+    output = args.resume or args.output
+    try:
+        from mrecg import runner
+        from mrecg.api import resolve_device
+        from mrecg.config import load_config
+        from mrecg.reporting import setup_logging
+        if args.resume and not os.path.isfile(os.path.join(args.resume, runner.CONFIG)):
+            raise UserError(f'cannot resume {args.resume}: it has no {runner.CONFIG} (not a ptq_main.py output folder)')
+        cfg = load_config(os.path.join(args.resume, runner.CONFIG) if args.resume else args.config, args.set)
+        if args.plan:
+            print_plan(cfg)
+            return 0
+        device = str(resolve_device(args.device or cfg.process.device))
+        output = output or default_output(args.config)
+        model, train, val = runner.check_run(cfg)
+        runner.prepare_output_dir(output, bool(args.resume), args.overwrite)
+        setup_logging(os.path.join(output, runner.LOG))
+        record = runner.run(cfg, model, train, val, output, device, resume=bool(args.resume),
+                            progress=not args.no_progress)
+    except UserError as exc:
+        print(f'error: {exc}{resume_hint(output)}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'\ninterrupted: finished units are saved{resume_hint(output)}', file=sys.stderr)
+        return 130
+    print(summary_line(record, output))
+    return 0
+
+
+def resume_hint(output) -> str:
+    """Where finished units wait (an interrupted or failed run), the command that continues them."""
+    if output and os.path.isfile(os.path.join(output, 'checkpoint.pt')):
+        return f'; continue with: python ptq_main.py --resume {output}'
+    return ''
+
+
+def summary_line(r, output: str) -> str:
+    def pct(x):
+        return 'n/a' if x is None else f'{x:.2f}'
+    return (f'{r["method"]} {r["model"]} W{r["w_bits"]}A{r["a_bits"]}: float top-1 {pct(r["fp_top1"])}, '
+            f'quantized top-1 {pct(r["quant_top1"])}, max unit loss {r["loss_curve"]["max_unit_loss"]:.4g}, '
+            f'{r["timing"]["total_seconds"]:.0f} s -> {output}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""The run configuration: one typed object, the single source of every key, default, type and check.
+
+Each section is a dataclass; a field's type annotation is its allowed type (``Literal`` for choices), its
+``metadata`` holds an optional range check and a one-line doc. YAML files, ``--set`` overrides and Python
+code all build the same ``Config``: ``Config.from_dict(mapping)`` (unknown keys get a did-you-mean) or the
+dataclasses directly (``Config(model=ModelConfig(type='resnet18'))``), which validate themselves on
+construction. ``config.to_dict()`` is what ``config.yaml`` in an output folder holds. Algorithms receive the
+sections as typed objects; none of them reads YAML.
+"""
+import copy
+import difflib
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
+
+import yaml
+
+from mrecg.errors import ConfigError
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILTIN_DATA = ('imagenet', 'imagefolder', 'digits', 'fashion_mnist')
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ---- checks (return a problem or None) -------------------------------------------------------------------
+def positive(v):
+    return None if v > 0 else 'must be > 0'
+
+
+def non_negative(v):
+    return None if v >= 0 else 'must be >= 0'
+
+
+def bits(v):
+    return None if 2 <= v <= 8 else 'must be an integer in 2..8'
+
+
+def unit_fraction(v):
+    return None if 0 <= v < 1 else 'must be in [0, 1)'
+
+
+def drop_prob(v):
+    return None if 0 < v <= 1 else 'must be in (0, 1] (1.0 = BRECQ, 0.5 = QDrop)'
+
+
+def b_range(v):
+    if len(v) != 2:
+        return 'must be two numbers [start, end]'
+    return None if v[0] >= v[1] > 0 else 'must satisfy start >= end > 0'
+
+
+def non_empty_groups(v):
+    return None if all(g for g in v) else 'must be a list of non-empty lists of module names'
+
+
+def data_source(v):
+    if v in BUILTIN_DATA or ':' in v:
+        return None
+    return (f'must be one of {", ".join(BUILTIN_DATA)} or a factory as package.module:make or '
+            'path/to/file.py:make')
+
+
+def three_numbers(v):
+    return None if len(v) in (1, 3) else 'must list 1 or 3 numbers (one per channel)'
+
+
+def key(default: Any = None, check: Optional[Callable] = None, doc: str = ''):
+    """A config key: its default (copied per instance when mutable), optional check and doc."""
+    meta = {'check': check, 'doc': doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls):
+    """A config section: a dataclass whose fields are keys, validated when it is built."""
+    return dataclass(cls)
+
+
+# ---- type checking from annotations ----------------------------------------------------------------------
+def accepts(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (ints pass as floats, bools never as numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(accepts(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (list, List):
+        return isinstance(value, list) and (not args or all(accepts(v, args[0]) for v in value))
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if is_dataclass(hint):
+        return isinstance(value, hint)
+    return isinstance(value, hint)
+
+
+def describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return ' or '.join(dict.fromkeys(describe(a) for a in args))
+    if origin is Literal:
+        return 'one of ' + ', '.join(map(str, args))
+    if origin in (list, List):
+        return 'list' + (f' of {describe(args[0])}' if args and args[0] is not Any else '')
+    names = {int: 'integer', float: 'number', bool: 'true/false', str: 'string', dict: 'mapping',
+             type(None): 'null'}
+    if is_dataclass(hint):
+        return 'a mapping'
+    return names.get(hint, getattr(hint, '__name__', str(hint)))
+
+
+def section_hint(hint: Any):
+    """The dataclass a field holds (directly, optionally, or as list items), else None."""
+    for a in (hint, *typing.get_args(hint)):
+        if is_dataclass(a):
+            return a
+        for b in typing.get_args(a):
+            if is_dataclass(b):
+                return b
+    return None
+
+
+class Section:
+    """Validation shared by every section: types from the annotations, then each key's check, then
+    ``check_section`` for rules across keys. Errors name the key; ``from_dict`` adds the section's path."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            sub = section_hint(hint)
+            if sub is not None and isinstance(value, dict):
+                value = build_section(sub, value, f.name)
+                setattr(self, f.name, value)
+            elif sub is not None and isinstance(value, list) and typing.get_origin(hint) in (list, List):
+                value = [build_section(sub, v, f'{f.name}[{i}]') if isinstance(v, dict) else v
+                         for i, v in enumerate(value)]
+                setattr(self, f.name, value)
+            if not accepts(value, hint):
+                raise ConfigError(f'must be {describe(hint)}, got {value!r}', f.name)
+            check = f.metadata.get('check')
+            problem = check(value) if check is not None and value is not None else None
+            if problem:
+                raise ConfigError(f'{problem}, got {value!r}', f.name)
+        self.check_section()
+
+    def check_section(self) -> None:
+        """Rules that involve several keys of the section (override in a section)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return to_plain(asdict(self))
+
+
+def build_section(cls, data: Any, path: str = ''):
+    """A section from a mapping: unknown keys are errors with a did-you-mean; errors carry the full path."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'must be a mapping, got {type(data).__name__}', path or 'config')
+    names = [f.name for f in fields(cls)]
+    for k in data:
+        if k not in names:
+            where = f'{path}.{k}' if path else str(k)
+            raise ConfigError("unknown config key '{key}'" + did_you_mean(str(k), names), where)
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise exc.under(path) from None
+
+
+def did_you_mean(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f' (did you mean {close[0]!r}?)' if close else f' (known: {", ".join(sorted(options))})'
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, tuples and mappings -> plain dicts and lists, for YAML and JSON."""
+    if is_dataclass(obj):
+        obj = asdict(obj)
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+# ---- the sections ----------------------------------------------------------------------------------------
+Observer = Literal['MinMaxObserver', 'EMAMinMaxObserver', 'MSEObserver', 'EMAMSEObserver', 'EMAQuantileObserver']
+
+
+@section
+class ModelConfig(Section):
+    type: Optional[str] = key(None, doc='registry name, torchvision:<name>, timm:<name>, package.module:Name '
+                                        'or path/to/file.py:Name')
+    kwargs: Dict[str, Any] = key({}, doc='arguments of the model builder')
+    path: Optional[str] = key(None, doc='float checkpoint, loaded by parameter name (weights_only)')
+    units: Optional[List[List[str]]] = key(None, non_empty_groups, 'explicit base units (lists of module names)')
+
+
+@section
+class DataConfig(Section):
+    type: str = key('imagenet', data_source, 'imagenet, imagefolder, digits, fashion_mnist or a factory')
+    path: Optional[str] = key(None, doc='dataset folder (train/ and val/ for imagenet and imagefolder)')
+    kwargs: Dict[str, Any] = key({}, doc='arguments of a data factory: make(split, **kwargs)')
+    batch_size: int = key(256, positive, 'batch of calibration and evaluation passes')
+    num_workers: int = key(4, non_negative)
+    pin_memory: bool = key(True)
+    input_size: int = key(224, positive, 'crop size (imagenet, imagefolder)')
+    test_resize: int = key(256, positive, 'short side before the centre crop (imagenet, imagefolder)')
+    mean: List[float] = key(list(IMAGENET_MEAN), three_numbers, 'normalisation (imagenet, imagefolder)')
+    std: List[float] = key(list(IMAGENET_STD), three_numbers, 'normalisation (imagenet, imagefolder)')
+    cali_transform: Literal['train', 'val'] = key('train', doc='train = RandomResizedCrop + flip (seeded)')
+    split_seed: int = key(0)
+    eval_limit: Optional[int] = key(None, positive, 'evaluate on at most this many images')
+    evaluate: bool = key(True, doc='false: no accuracy (no labelled data needed)')
+
+    def check_section(self):
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f'must be > 0, got {self.std!r}', 'std')
+        if self.type in ('imagenet', 'imagefolder') and self.test_resize < self.input_size:
+            raise ConfigError(f'({self.test_resize}) must be >= data.input_size ({self.input_size})', 'test_resize')
+
+
+@section
+class WeightQuantConfig(Section):
+    quantizer: Literal['AdaRoundFakeQuantize'] = key('AdaRoundFakeQuantize')
+    observer: Observer = key('MSEObserver')
+    bit: int = key(4, bits)
+    symmetric: bool = key(False)
+    per_channel: bool = key(True)
+    pot_scale: bool = key(False)
+    p: float = key(2.4, positive, "Lp norm of the MSE observers' range search")
+
+    def qscheme(self) -> Dict[str, Any]:
+        scheme = dict(bit=self.bit, symmetry=self.symmetric, per_channel=self.per_channel, pot_scale=self.pot_scale)
+        if self.observer in ('MSEObserver', 'EMAMSEObserver'):
+            scheme['p'] = float(self.p)
+        return scheme
+
+
+@section
+class ActQuantConfig(WeightQuantConfig):
+    quantizer: Literal['QDropFakeQuantize'] = key('QDropFakeQuantize')
+    observer: Observer = key('EMAMSEObserver')
+    per_channel: bool = key(False)
+
+
+@section
+class LayerBits(Section):
+    """Bits for the conv/linear layers whose names match ``modules`` (names or glob patterns); ``a_bit`` is
+    the bit-width of the layer's input quantizer (MQBench quantizes the input of every conv/linear)."""
+    modules: List[str] = key([], lambda v: None if v else 'must name at least one module or pattern')
+    w_bit: Optional[int] = key(None, bits)
+    a_bit: Optional[int] = key(None, bits)
+
+    def check_section(self):
+        if self.w_bit is None and self.a_bit is None:
+            raise ConfigError(f'the entry for {self.modules} sets neither w_bit nor a_bit')
+
+
+@section
+class ReconstructionConfig(Section):
+    enabled: bool = key(True, doc='false = nearest rounding after calibration')
+    granularity: Literal['block', 'layer'] = key('block')
+    iterations: int = key(20000, positive, 'optimisation steps per unit')
+    batch_size: int = key(32, positive, 'images per optimisation step')
+    lr: float = key(1e-3, positive, 'Adam lr of the rounding variables')
+    scale_lr: float = key(4e-5, non_negative, 'Adam lr of the activation steps (0 = frozen)')
+    weight: float = key(0.01, non_negative, 'rounding regulariser weight')
+    b_range: List[float] = key([20, 2], b_range)
+    warm_up: float = key(0.2, unit_fraction)
+    prob: float = key(0.5, drop_prob)
+    cache_device: Literal['auto', 'cpu', 'device'] = key('auto')
+    cache_dtype: Literal['float32', 'float16', 'bfloat16'] = key('float32')
+
+
+@section
+class QuantizeConfig(Section):
+    w_qconfig: WeightQuantConfig = key(None)
+    a_qconfig: ActQuantConfig = key(None)
+    layer_bits: List[LayerBits] = key([], doc='per-layer bit overrides: [{modules: [...], w_bit, a_bit}]')
+    fold_bn: bool = key(True)
+    cali_size: int = key(1024, positive, 'number of calibration images')
+    reconstruction: ReconstructionConfig = key(None)
+
+    def __post_init__(self):
+        self.w_qconfig = WeightQuantConfig() if self.w_qconfig is None else self.w_qconfig
+        self.a_qconfig = ActQuantConfig() if self.a_qconfig is None else self.a_qconfig
+        self.reconstruction = ReconstructionConfig() if self.reconstruction is None else self.reconstruction
+        super().__post_init__()
+
+    def mqbench_prepare_dict(self) -> Dict:
+        w, a = self.w_qconfig, self.a_qconfig
+        return {'extra_qconfig_dict': {
+            'w_observer': w.observer, 'a_observer': a.observer, 'w_fakequantize': w.quantizer,
+            'a_fakequantize': a.quantizer, 'w_qscheme': w.qscheme(), 'a_qscheme': a.qscheme()}}
+
+
+@section
+class MrecgConfig(Section):
+    metric: Literal['none', 'modcap', 'loss'] = key('none')
+    k: int = key(0, non_negative, 'number of adjacent pairs to merge')
+    lam: Optional[float] = key(None, non_negative)
+    max_group_size: Optional[int] = key(None, lambda v: None if v >= 2 else 'must be >= 2')
+    scheme: Union[List[List[str]], str, None] = key(None, doc="groups of module names, or 'authors'")
+    stride_penalty: float = key(0.5, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]')
+    probe_iterations: Optional[int] = key(None, positive)
+
+    def check_section(self):
+        if isinstance(self.scheme, str) and self.scheme != 'authors':
+            raise ConfigError("must be a list of groups of module names, e.g. [[layer1.1, layer2.0]], "
+                              f"or 'authors' for the published grouping (strings are never evaluated), "
+                              f"got {self.scheme!r}", 'scheme')
+        if isinstance(self.scheme, list) and non_empty_groups(self.scheme):
+            raise ConfigError(f'{non_empty_groups(self.scheme)}, got {self.scheme!r}', 'scheme')
+        if self.scheme and (self.metric != 'none' or self.k):
+            raise ConfigError('gives the groups explicitly: set mrecg.metric to none and mrecg.k to 0', 'scheme')
+        if self.metric != 'none' and self.k == 0:
+            raise ConfigError(f'is {self.metric} but mrecg.k is 0: set k >= 1 or mrecg.metric: none '
+                              'for plain reconstruction', 'metric')
+        if self.metric == 'none' and self.k:
+            raise ConfigError('is set but mrecg.metric is none: choose modcap or loss', 'k')
+
+    @property
+    def grouped(self) -> bool:
+        return self.metric != 'none' or bool(self.scheme)
+
+
+@section
+class ProcessConfig(Section):
+    seed: int = key(1005)
+    device: Literal['auto', 'cpu', 'cuda'] = key('auto')
+    cache_dir: str = key('.cache/mrecg', doc='loss-metric probes and (opt-in) calibrated quantizers')
+    cache_calibration: bool = key(False, doc='reuse calibrated quantizer ranges across runs')
+
+
+@section
+class Config(Section):
+    model: ModelConfig = key(None)
+    data: DataConfig = key(None)
+    quantize: QuantizeConfig = key(None)
+    mrecg: MrecgConfig = key(None)
+    process: ProcessConfig = key(None)
+
+    def __post_init__(self):
+        for f in fields(self):
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, typing.get_type_hints(Config)[f.name]())
+        super().__post_init__()
+
+    def check_section(self):
+        rec = self.quantize.reconstruction
+        if self.mrecg.grouped and rec.granularity != 'block':
+            raise ConfigError('MRECG groups block units: set quantize.reconstruction.granularity to block')
+        if self.mrecg.grouped and not rec.enabled:
+            raise ConfigError('MRECG needs reconstruction: set quantize.reconstruction.enabled to true')
+
+    @classmethod
+    def from_dict(cls, data: Optional[Dict[str, Any]]) -> 'Config':
+        return build_section(cls, data or {}, '')
+
+    @property
+    def method(self) -> str:
+        """The label of a run: nearest | adaround | brecq | qdrop, prefixed by ``mrecg+`` when grouping."""
+        rec = self.quantize.reconstruction
+        if not rec.enabled:
+            return 'nearest'
+        base = 'adaround' if rec.granularity == 'layer' else ('brecq' if rec.prob >= 1.0 else 'qdrop')
+        return f'mrecg+{base}' if self.mrecg.grouped else base
+
+    def replace(self, **sections) -> 'Config':
+        return replace(self, **sections)
+
+
+# ---- files and overrides ---------------------------------------------------------------------------------
+def read_yaml(path: str) -> Dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, 'problem_mark', None)
+        where = f' line {mark.line + 1}' if mark else ''
+        raise ConfigError(f'{path}{where}: invalid YAML ({getattr(exc, "problem", exc)})') from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f'cannot read config {path}: {exc}') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: the top level must be a mapping of sections (model, data, quantize, ...)')
+    return data
+
+
+def deep_merge(base: Dict, override: Dict) -> Dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != 'kwargs':
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml_with_bases(path: str, _seen: Sequence[str] = ()) -> Dict:
+    """Read ``path``; ``_base_`` (a path or list, relative to the file) names files it extends."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f'{path}: _base_ chain loops back to itself')
+    data = read_yaml(path)
+    bases = data.pop('_base_', [])
+    merged: Dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, load_yaml_with_bases(os.path.join(os.path.dirname(path), base), (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(data: Dict, overrides: Sequence[str]) -> Dict:
+    """``--set a.b.c=value``; the value is parsed as YAML (numbers, booleans, lists; no tags)."""
+    data = copy.deepcopy(data)
+    for item in overrides or ():
+        if '=' not in item:
+            raise ConfigError(f'--set expects key=value, got {item!r}')
+        dotted, raw = item.split('=', 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = dotted.strip().split('.')
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f'--set {dotted}: {part} is not a section')
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (with ``_base_``) + ``--set`` overrides -> validated ``Config``."""
+    return Config.from_dict(apply_overrides(load_yaml_with_bases(path), overrides))
+
+
+def as_config(config: Union[Config, Dict[str, Any], str, None]) -> Config:
+    """What the Python API accepts as a config: a Config, a mapping like the YAML, or a YAML path."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, str):
+        return load_config(config)
+    if config is None or isinstance(config, dict):
+        return Config.from_dict(config or {})
+    raise ConfigError(f'config must be a mrecg.Config, a mapping or a YAML path, got {type(config).__name__}')
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def resolve_path(path: Optional[str]) -> Optional[str]:
+    """Relative paths are taken from the current directory, else from the project root (so configs that
+    name ``models/checkpoints/...`` work from anywhere)."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(PROJECT_ROOT, path)
+    return candidate if os.path.exists(candidate) else path

@@ -1,0 +1,35 @@
+"""Top-1 / top-5 accuracy. A model that emits NaN/Inf logits gets no accuracy (None), never a number."""
+from dataclasses import dataclass
+from typing import Iterable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    top1: Optional[float]
+    top5: Optional[float]
+    images: int
+    nonfinite_batches: int = 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             desc: str = 'eval', progress: bool = True) -> Accuracy:
+    model.eval()
+    correct1 = correct5 = total = bad = 0
+    for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        logits = model(x.to(device, non_blocking=True)).float()
+        y = y.to(logits.device)
+        if not torch.isfinite(logits).all():
+            bad += 1
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top.eq(y[:, None])
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(dim=1).sum().item()
+        total += len(y)
+    if bad or total == 0:
+        return Accuracy(None, None, total, bad)
+    return Accuracy(100.0 * correct1 / total, 100.0 * correct5 / total, total)

@@ -1,0 +1,246 @@
+"""A run of the command line: config -> checks -> ``mrecg.quantize`` -> an output folder that survives.
+
+Every check that can fail on bad input (paths, checkpoint, data, units, groups, output folder) runs before
+any heavy work. After each reconstructed unit the run state is written atomically to ``checkpoint.pt``,
+so ``--resume`` continues from the last finished unit and ends with the same numbers.
+"""
+import hashlib
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from mrecg.api import QuantizationResult, RunState, quantize
+from mrecg.caching import data_config_id
+from mrecg.config import Config, dump_config, resolve_path
+from mrecg.data import check_data, check_items, dataset
+from mrecg.errors import UserError
+from mrecg.evaluation import Accuracy
+from mrecg.planning import GroupingInfo, prepare, validate_grouping
+from mrecg.reconstruction import GroupResult
+from mrecg.reporting import (finite_or_none, oscillation_stats, plot_loss_curve, save_torch, unit_loss_table,
+                             write_csv_row, write_json, write_text)
+from mrecg.zoo import CheckpointError, create_model, load_checkpoint, registry_family
+
+log = logging.getLogger('mrecg')
+CONFIG, RESULTS, CSV, PLOT, STATE, LOG, QMODEL = ('config.yaml', 'results.json', 'results.csv', 'loss_curve.png',
+                                                  'checkpoint.pt', 'run.log', 'quantized_model.pt')
+STATE_FORMAT = 3  # 3: typed run state (GroupingInfo fields) from the Python API
+
+
+# ---- model and data --------------------------------------------------------------------------------------
+def train_hint(cfg: Config) -> str:
+    """For a missing small-model checkpoint, the command that makes it (the large ones are not committed)."""
+    path = resolve_path(cfg.model.path) or ''
+    expected = os.path.join('models', 'checkpoints', f'{cfg.model.type}_{cfg.data.type}.pth')
+    if (cfg.data.type not in ('digits', 'fashion_mnist') or os.path.isfile(path)
+            or not os.path.normpath(path).endswith(expected)):
+        return ''
+    return (f'; train it with: python scripts/train_small_models.py --dataset {cfg.data.type} '
+            f'--models {cfg.model.type}')
+
+
+def build_float_model(cfg: Config, load: bool = True) -> nn.Module:
+    """The float model of ``model.type``, with ``model.path`` loaded (by parameter name) when ``load``."""
+    model = create_model(cfg.model.type, cfg.model.kwargs)
+    if load:
+        path = resolve_path(cfg.model.path)
+        if not path:
+            raise UserError('model.path is not set: point it at the float checkpoint to quantize')
+        if not os.path.isfile(path):
+            raise UserError(f'checkpoint file not found: {path} (model.path)' + train_hint(cfg))
+        try:
+            load_checkpoint(model, path, registry_family(cfg.model.type))
+        except CheckpointError as exc:
+            raise UserError(str(exc) + train_hint(cfg)) from None
+    return model.eval()
+
+
+def open_data(cfg: Config) -> Tuple[Any, Optional[Any]]:
+    """The calibration and (unless ``data.evaluate`` is false, or there is none) evaluation datasets, each
+    checked on its first item, and the calibration size checked against them."""
+    check_data(cfg.data)
+    train = dataset(cfg.data, 'train')
+    if train is None:
+        raise UserError(f'no training (calibration) data found for data.type {cfg.data.type}')
+    check_items(train, 'calibration data', labelled=False)
+    if cfg.quantize.cali_size > len(train):
+        raise UserError(f'quantize.cali_size is {cfg.quantize.cali_size} but the {cfg.data.type} training split '
+                        f'has {len(train)} images')
+    val = dataset(cfg.data, 'val') if cfg.data.evaluate else None
+    if val is not None:
+        check_items(val, 'evaluation data', labelled=True)
+    elif cfg.data.evaluate:
+        log.info('no evaluation data for data.type %s: quantizing without accuracy', cfg.data.type)
+    return train, val
+
+
+# ---- output folder and run state -------------------------------------------------------------------------
+def prepare_output_dir(path: str, resume: bool, overwrite: bool) -> None:
+    """Never silently overwrite: a finished run needs --overwrite; an unfinished one --resume or --overwrite.
+    The folder must be writable (checked now, not after hours of work)."""
+    finished = os.path.isfile(os.path.join(path, RESULTS))
+    unfinished = os.path.isfile(os.path.join(path, STATE))
+    if resume:
+        if finished and not overwrite:
+            raise UserError(f'{path} already holds a finished run ({RESULTS}); nothing to resume')
+        if not os.path.isfile(os.path.join(path, CONFIG)):
+            raise UserError(f'cannot resume {path}: it has no {CONFIG} (was it created by ptq_main.py?)')
+    elif finished and not overwrite:
+        raise UserError(f'{path} already holds a finished run ({RESULTS}); choose another --output or pass '
+                        '--overwrite')
+    elif unfinished and not overwrite:
+        raise UserError(f'{path} holds an unfinished run; continue it with --resume {path} or start over with '
+                        '--overwrite')
+    check_writable(path)
+    if overwrite and not resume:
+        for name in (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG):
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+
+
+def check_writable(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, '.write_test')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f'cannot write to the output folder {path}: {exc.strerror or exc} '
+                        '(choose another --output)') from None
+
+
+def file_digest(path: str) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def save_state(output: str, state: RunState) -> None:
+    save_torch(os.path.join(output, STATE), {
+        'format': STATE_FORMAT, 'config': file_digest(os.path.join(output, CONFIG)),
+        'fp_accuracy': asdict(state.fp_accuracy) if state.fp_accuracy else None,
+        'grouping': asdict(state.grouping), 'results': [asdict(r) for r in state.results],
+        'hardened': state.hardened, 'qmodel': state.qmodel_state, 'elapsed': state.elapsed})
+
+
+def load_state(output: str) -> Optional[RunState]:
+    path = os.path.join(output, STATE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        raw = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:
+        raise UserError(f'cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); '
+                        'start over with --overwrite') from None
+    if not isinstance(raw, dict) or raw.get('format') != STATE_FORMAT:
+        raise UserError(f'{path} was written by another version of the engine, whose numbers differ; '
+                        'start over with --overwrite')
+    if raw.get('config') != file_digest(os.path.join(output, CONFIG)):
+        raise UserError(f'{path} does not belong to {os.path.join(output, CONFIG)} (was the config edited?); '
+                        'start over with --overwrite')
+    fp = raw['fp_accuracy']
+    return RunState(Accuracy(**fp) if fp else None, GroupingInfo(**raw['grouping']),
+                    [GroupResult(**r) for r in raw['results']], raw['hardened'], raw['qmodel'], raw['elapsed'])
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def check_run(cfg: Config) -> Tuple[nn.Module, Any, Optional[Any]]:
+    """Everything that can be checked before heavy work: model, checkpoint, data, units, groups."""
+    model = build_float_model(cfg)
+    train, val = open_data(cfg)
+    validate_grouping(cfg, prepare(model, cfg))
+    return model, train, val
+
+
+def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, resume: bool = False,
+        progress: bool = True) -> Dict[str, Any]:
+    """Quantize into ``output`` (checked by ``prepare_output_dir``); returns the results record."""
+    config_path = os.path.join(output, CONFIG)
+    if not resume or not os.path.isfile(config_path):
+        write_text(config_path, dump_config(cfg))
+    state = load_state(output) if resume else None
+    if state:
+        log.info('resuming %s: %d units already reconstructed', output, len(state.results))
+    log.info('model %s %s, checkpoint %s, device %s', cfg.model.type, cfg.model.kwargs, cfg.model.path, device)
+    result = quantize(model, train, cfg, val, device=device, progress=progress, cache_dir=cfg.process.cache_dir,
+                      data_id=data_config_id(cfg), resume=state, on_unit_done=lambda s: save_state(output, s))
+    save_torch(os.path.join(output, QMODEL), result.model.state_dict())
+    record = results_record(cfg, result)
+    write_outputs(output, cfg, result, record)
+    return record
+
+
+def write_outputs(output: str, cfg: Config, result: QuantizationResult, record: Dict[str, Any]) -> None:
+    spans = [tuple(s) for s in result.grouping.spans]
+    curves = {result.method: result.unit_losses}
+    if result.grouping.plain_unit_losses:
+        curves = {'plain (probe)': result.grouping.plain_unit_losses, **curves}
+    plot_loss_curve(os.path.join(output, PLOT), result.unit_names, curves, spans,
+                    f'{record["model"]} W{record["w_bits"]}A{record["a_bits"]} {result.method}: '
+                    'per-unit reconstruction loss')
+    write_csv_row(os.path.join(output, CSV), csv_row(record))
+    write_json(os.path.join(output, RESULTS), record)
+    if os.path.exists(os.path.join(output, STATE)):
+        os.remove(os.path.join(output, STATE))
+
+
+def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
+    """``results.json``: every number of the run, the settings that produced them, versions."""
+    import mqbench
+    g, q = r.grouping, cfg.quantize
+    fp, acc = r.fp_accuracy or Accuracy(None, None, 0), r.accuracy or Accuracy(None, None, 0)
+    extra = {'plain_loss': g.plain_unit_losses} if g.plain_unit_losses else None
+    record = {
+        'method': r.method, 'model': cfg.model.type, 'model_kwargs': cfg.model.kwargs,
+        'checkpoint': resolve_path(cfg.model.path), 'dataset': cfg.data.type,
+        'w_bits': q.w_qconfig.bit, 'a_bits': q.a_qconfig.bit, 'seed': cfg.process.seed,
+        'fp_top1': finite_or_none(fp.top1), 'fp_top5': finite_or_none(fp.top5),
+        'quant_top1': finite_or_none(acc.top1), 'quant_top5': finite_or_none(acc.top5), 'eval_images': acc.images,
+        'units': [{**asdict(u), 'loss': finite_or_none(u.loss), 'train_loss': finite_or_none(u.train_loss)}
+                  for u in r.units],
+        'unit_losses': unit_loss_table(r.unit_names, r.unit_losses, extra),
+        'grouping': {k: getattr(g, k) for k in ('metric', 'k', 'lam', 'max_group_size', 'source', 'groups', 'spans',
+                                                'metric_values')},
+        'loss_curve': oscillation_stats(r.unit_names, r.unit_losses),
+        'layer_bits': {name: {'w_bit': w, 'a_bit': a} for name, (w, a) in r.layer_bits.items()},
+        'settings': {
+            'fold_bn': q.fold_bn, 'bn_layers_folded': r.bn_folded,
+            'first_last_layer': '8-bit weights and inputs (MQBench academic backend)',
+            'w_qconfig': asdict(q.w_qconfig), 'a_qconfig': asdict(q.a_qconfig),
+            'layer_bits': [asdict(b) for b in q.layer_bits], 'cali_size': q.cali_size,
+            'granularity': q.reconstruction.granularity, 'reconstruction': asdict(q.reconstruction),
+            'input_size': cfg.data.input_size, 'test_resize': cfg.data.test_resize,
+            'cali_transform': cfg.data.cali_transform},
+        'timing': asdict(r.timings), 'peak_cache_mb': round(r.peak_cache_bytes / 2 ** 20, 1), 'device': r.device,
+        'versions': {'torch': torch.__version__, 'mqbench': getattr(mqbench, '__version__', 'mqbench-torch2'),
+                     'python': platform.python_version()},
+        'warnings': r.warnings, 'resumed': r.resumed, 'date': time.strftime('%Y-%m-%d %H:%M:%S'),
+    }
+    if g.plain_unit_losses:
+        record['plain_loss_curve'] = oscillation_stats(r.unit_names, g.plain_unit_losses)
+    return record
+
+
+def csv_row(record: Dict[str, Any]) -> Dict[str, Any]:
+    curve = record['loss_curve']
+    return {'method': record['method'], 'model': record['model'], 'dataset': record['dataset'],
+            'w_bits': record['w_bits'], 'a_bits': record['a_bits'], 'seed': record['seed'],
+            'fp_top1': record['fp_top1'], 'quant_top1': record['quant_top1'], 'quant_top5': record['quant_top5'],
+            'max_unit_loss': curve['max_unit_loss'], 'oscillation': curve['oscillation'],
+            'k': record['grouping']['k'], 'groups': ' | '.join('+'.join(g) for g in record['grouping']['groups']),
+            'seconds': round(record['timing']['total_seconds'], 1)}
+
+
+def cached_plan_losses(cfg: Config, model: nn.Module, unit_names: List[str]) -> Optional[List[float]]:
+    """The loss metric's probe losses, if a full run with this config cached them (for --plan)."""
+    from mrecg.caching import RunCache
+    if cfg.mrecg.metric != 'loss':
+        return None
+    return RunCache(cfg.process.cache_dir, cfg, model, data_config_id(cfg), cfg.model.type).unit_losses(unit_names)
+

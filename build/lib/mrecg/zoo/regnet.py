@@ -1,0 +1,132 @@
+"""RegNetX-600MF in the pycls / BRECQ layout.
+
+Parameter names: ``stem.conv``, ``stem.bn``, ``sS.bJ.proj``, ``sS.bJ.bn``, ``sS.bJ.f.{a,b,c}``,
+``sS.bJ.f.{a_bn,b_bn,c_bn}``, ``head.fc`` (S and J count from 1). Widths come from the RegNet
+design-space parameters (w_a=36.97, w_0=48, w_m=2.24, depth 16, group width 24): stages of depth
+1/3/5/7 and widths 48/96/240/528.
+"""
+from typing import List, Tuple
+
+import numpy as np
+import torch.nn as nn
+
+from mrecg.zoo.registry import register_model
+
+REGNETX_600M = dict(w_a=36.97, w_0=48, w_m=2.24, depth=16, group_w=24)
+
+
+def regnet_stage_widths(w_a: float, w_0: int, w_m: float, depth: int, group_w: int, q: int = 8):
+    """Per-stage (width, depth, group width) from the RegNet quantised-linear parameterisation."""
+    ws_cont = np.arange(depth) * w_a + w_0
+    ks = np.round(np.log(ws_cont / w_0) / np.log(w_m))
+    ws = (np.round(w_0 * np.power(w_m, ks) / q) * q).astype(int).tolist()
+    stages = []
+    for w in ws:
+        if stages and stages[-1][0] == w:
+            stages[-1][1] += 1
+        else:
+            stages.append([w, 1])
+    out = []
+    for w, d in stages:
+        g = min(group_w, w)
+        w = int(round(w / g) * g)
+        out.append((w, d, g))
+    return out
+
+
+class Stem(nn.Module):
+    def __init__(self, in_chans: int, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, width, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+class BottleneckTransform(nn.Module):
+    def __init__(self, w_in: int, w_out: int, stride: int, group_w: int):
+        super().__init__()
+        self.a = nn.Conv2d(w_in, w_out, 1, 1, 0, bias=False)
+        self.a_bn = nn.BatchNorm2d(w_out)
+        self.a_relu = nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(w_out, w_out, 3, stride, 1, groups=w_out // group_w, bias=False)
+        self.b_bn = nn.BatchNorm2d(w_out)
+        self.b_relu = nn.ReLU(inplace=True)
+        self.c = nn.Conv2d(w_out, w_out, 1, 1, 0, bias=False)
+        self.c_bn = nn.BatchNorm2d(w_out)
+
+    def forward(self, x):
+        x = self.a_relu(self.a_bn(self.a(x)))
+        x = self.b_relu(self.b_bn(self.b(x)))
+        return self.c_bn(self.c(x))
+
+
+class ResBottleneckBlock(nn.Module):
+    def __init__(self, w_in: int, w_out: int, stride: int, group_w: int):
+        super().__init__()
+        self.proj_block = w_in != w_out or stride != 1
+        if self.proj_block:
+            self.proj = nn.Conv2d(w_in, w_out, 1, stride, 0, bias=False)
+            self.bn = nn.BatchNorm2d(w_out)
+        self.f = BottleneckTransform(w_in, w_out, stride, group_w)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = self.bn(self.proj(x)) if self.proj_block else x
+        return self.relu(shortcut + self.f(x))
+
+
+class Head(nn.Module):
+    def __init__(self, w_in: int, num_classes: int):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(w_in, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.avg_pool(x).flatten(1))
+
+
+class RegNet(nn.Module):
+    def __init__(self, w_a: float, w_0: int, w_m: float, depth: int, group_w: int, num_classes: int = 1000,
+                 in_chans: int = 3, stem_w: int = 32):
+        super().__init__()
+        self.stem = Stem(in_chans, stem_w)
+        prev = stem_w
+        self.stage_depths = []
+        for s, (w, d, g) in enumerate(regnet_stage_widths(w_a, w_0, w_m, depth, group_w), start=1):
+            stage = nn.Module()
+            for j in range(1, d + 1):
+                stage.add_module(f'b{j}', ResBottleneckBlock(prev if j == 1 else w, w, 2 if j == 1 else 1, g))
+            self.add_module(f's{s}', stage)
+            self.stage_depths.append(d)
+            prev = w
+        self.head = Head(prev, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for s, d in enumerate(self.stage_depths, start=1):
+            stage = getattr(self, f's{s}')
+            for j in range(1, d + 1):
+                x = getattr(stage, f'b{j}')(x)
+        return self.head(x)
+
+    def unit_partition(self) -> List[Tuple[str, List[str]]]:
+        """BRECQ blocks: stem, every residual block sS.bJ, the head."""
+        units = [('stem', ['stem'])]
+        for s, d in enumerate(self.stage_depths, start=1):
+            units += [(f's{s}.b{j}', [f's{s}.b{j}']) for j in range(1, d + 1)]
+        units.append(('head', ['head']))
+        return units
+
+
+@register_model('regnetx_600m', family='regnet', image_size=224)
+def regnetx_600m(num_classes: int = 1000, in_chans: int = 3) -> RegNet:
+    return RegNet(**REGNETX_600M, num_classes=num_classes, in_chans=in_chans)

@@ -1,0 +1,336 @@
+"""A deployable result: the quantized model as ONNX with real low-bit weights, checked in onnxruntime.
+
+Why our own exporter and not MQBench's deploy path: MQBench's ``convert_deploy`` targets its hardware
+backends (TensorRT, SNPE, ...) and the academic backend has none; its ONNX QDQ path writes 8-bit
+containers with the range in side files, and ``torch.onnx`` writes no 4-bit initializers. So the graph is
+written here node by node from the quantized ``torch.fx`` graph with ``onnx.helper`` (opset 21):
+
+- conv/linear weights as ``uint4`` (2 to 4 bits) or ``uint8`` (the 8-bit first and last layers)
+  initializers with per-channel scale and zero point, each followed by ``DequantizeLinear(axis=0)``;
+- every activation quantizer as ``QuantizeLinear``/``DequantizeLinear`` (uint8 container) with the learned
+  step and zero point, then a ``Clip`` to the quantizer's exact range when it has fewer than 8 bits (a
+  container's saturation alone would let a 2- or 3-bit activation take 4- or 8-bit values);
+- BN (when not folded), ReLU/ReLU6, pooling, adds, flatten, mean as their ONNX operators.
+
+Anything else is an ``ExportError`` naming the node: never a silently different graph.
+"""
+import operator
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from mrecg.errors import UserError
+from mrecg.quantization import is_act_quantizer, quantizer_bits
+
+OPSET = 21
+MAX_TOP1_GAP = 0.1  # points: a larger gap between onnxruntime and the fake-quant model is an error
+
+
+class ExportError(UserError):
+    """The model holds an operation the exporter cannot express exactly, or the export does not match."""
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` wrote and what onnxruntime measured on it (``results.json``'s ``export``)."""
+    path: str
+    float_path: str
+    opset: int
+    file_bytes: int
+    float_file_bytes: int
+    weight_types: Dict[str, int] = field(default_factory=dict)  # initializer type -> number of layers
+    onnxruntime_top1: Optional[float] = None
+    fake_quant_top1: Optional[float] = None
+    agreement: Optional[float] = None  # % of images whose onnxruntime and fake-quant argmax agree
+    max_logit_diff: Optional[float] = None
+    eval_images: int = 0
+    latency_ms: Dict[str, float] = field(default_factory=dict)  # batch-1 median, quantized and float
+    onnxruntime: str = ''
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+# ---- graph writing ----------------------------------------------------------------------------------------
+class _Writer:
+    """Collects ONNX nodes and initializers while walking the fx graph."""
+
+    def __init__(self, quantized: bool):
+        from onnx import helper
+        self.helper, self.quantized = helper, quantized
+        self.nodes, self.inits, self.names = [], [], {}
+        self.weight_types: Dict[str, int] = {}
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: List[str], output: str, **attrs) -> str:
+        self.nodes.append(self.helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def low_bit(self, name: str, values: np.ndarray, bits: int, weight: bool = True) -> str:
+        """An unsigned integer initializer in the narrowest ONNX container that holds ``bits``; ``weight``
+        counts it in ``weight_types`` (a zero point does not count)."""
+        from onnx import TensorProto
+        kind = TensorProto.UINT4 if bits <= 4 else TensorProto.UINT8
+        if weight:
+            key = 'uint4' if bits <= 4 else 'uint8'
+            self.weight_types[key] = self.weight_types.get(key, 0) + 1
+        self.inits.append(self.helper.make_tensor(name, kind, list(values.shape),
+                                                  values.astype(np.uint8).flatten().tolist()))
+        return name
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().float().numpy()
+
+
+def _weight(w: _Writer, name: str, layer: nn.Module) -> str:
+    """The layer's weight: integer initializer + DequantizeLinear, or float when not quantized."""
+    fq = getattr(layer, 'weight_fake_quant', None)
+    if not w.quantized or fq is None:
+        return w.const(f'{name}.weight', _np(layer.weight))
+    if fq.quant_min < 0:
+        raise ExportError(f'export: {name} has a signed (symmetric) weight quantizer; only asymmetric unsigned '
+                          'weights are written')
+    with torch.no_grad():
+        on_grid = fq(layer.weight)  # the weight the fake-quant model computes with
+        scale = fq.scale.detach().reshape(-1).float()
+        zp = fq.zero_point.detach().reshape(-1).round()
+        shape = [-1] + [1] * (on_grid.dim() - 1)
+        q = torch.clamp(torch.round(on_grid / scale.reshape(shape)) + zp.reshape(shape), fq.quant_min, fq.quant_max)
+    bits = quantizer_bits(fq)
+    per_channel = scale.numel() > 1
+    q_name = w.low_bit(f'{name}.weight_q', q.cpu().numpy(), bits)
+    s_name = w.const(f'{name}.weight_scale', scale.cpu().numpy() if per_channel else scale.cpu().numpy()[0])
+    zp_vals = zp.cpu().numpy() if per_channel else zp.cpu().numpy()[:1].reshape(())
+    z_name = w.low_bit(f'{name}.weight_zero_point', zp_vals, bits, weight=False)
+    return w.node('DequantizeLinear', [q_name, s_name, z_name], f'{name}.weight', **({'axis': 0} if per_channel else {}))
+
+
+def _act_quant(w: _Writer, name: str, fq: nn.Module, x: str) -> str:
+    if not w.quantized:
+        return x
+    if fq.ch_axis != -1 or fq.scale.numel() != 1:
+        raise ExportError(f'export: {name} quantizes activations per channel; only per-tensor is written')
+    if fq.quant_min < 0:
+        raise ExportError(f'export: {name} is a signed activation quantizer; only unsigned ones are written')
+    scale, zp = float(fq.scale.detach().reshape(-1)[0]), int(round(float(fq.zero_point.reshape(-1)[0])))
+    s = w.const(f'{name}.scale', np.array(scale, np.float32))
+    z = w.const(f'{name}.zero_point', np.array(zp, np.uint8))
+    q = w.node('QuantizeLinear', [x, s, z], f'{name}.q')
+    out = w.node('DequantizeLinear', [q, s, z], f'{name}.dq')
+    if fq.quant_max < 255 or fq.quant_min > 0:  # fewer bits than the container: its exact range
+        lo = w.const(f'{name}.lo', np.array((fq.quant_min - zp), np.float32) * np.float32(scale))
+        hi = w.const(f'{name}.hi', np.array((fq.quant_max - zp), np.float32) * np.float32(scale))
+        out = w.node('Clip', [out, lo, hi], f'{name}.clip')
+    return out
+
+
+def _pair(v) -> List[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _conv(w: _Writer, name: str, m: nn.Conv2d, x: str) -> str:
+    if isinstance(m.padding, str) or m.padding_mode != 'zeros':
+        raise ExportError(f'export: {name} uses padding {m.padding!r}/{m.padding_mode}; only numeric zero padding '
+                          'is written')
+    inputs = [x, _weight(w, name, m)] + ([w.const(f'{name}.bias', _np(m.bias))] if m.bias is not None else [])
+    ph, pw = _pair(m.padding)
+    return w.node('Conv', inputs, name, strides=_pair(m.stride), pads=[ph, pw, ph, pw],
+                  dilations=_pair(m.dilation), group=m.groups, kernel_shape=_pair(m.kernel_size))
+
+
+def _linear(w: _Writer, name: str, m: nn.Linear, x: str) -> str:
+    inputs = [x, _weight(w, name, m)] + ([w.const(f'{name}.bias', _np(m.bias))] if m.bias is not None else [])
+    return w.node('Gemm', inputs, name, transB=1)
+
+
+def _batchnorm(w: _Writer, name: str, m: nn.BatchNorm2d, x: str) -> str:
+    gamma = _np(m.weight) if m.affine else np.ones(m.num_features, np.float32)
+    beta = _np(m.bias) if m.affine else np.zeros(m.num_features, np.float32)
+    ins = [x, w.const(f'{name}.gamma', gamma), w.const(f'{name}.beta', beta),
+           w.const(f'{name}.mean', _np(m.running_mean)), w.const(f'{name}.var', _np(m.running_var))]
+    return w.node('BatchNormalization', ins, name, epsilon=float(m.eps))
+
+
+def _pool(w: _Writer, name: str, m: nn.Module, x: str) -> str:
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        if _pair(m.output_size) != [1, 1]:
+            raise ExportError(f'export: {name} is an adaptive pool to {m.output_size}; only to 1x1 is written')
+        return w.node('GlobalAveragePool', [x], name)
+    if getattr(m, 'ceil_mode', False) or (isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != [1, 1]):
+        raise ExportError(f'export: {name} uses ceil_mode or dilation; not written')
+    p = _pair(m.padding)
+    attrs = dict(kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride or m.kernel_size), pads=p + p)
+    if isinstance(m, nn.AvgPool2d):
+        attrs['count_include_pad'] = int(m.count_include_pad)
+        return w.node('AveragePool', [x], name, **attrs)
+    return w.node('MaxPool', [x], name, **attrs)
+
+
+def _module(w: _Writer, name: str, m: nn.Module, x: str) -> str:
+    if is_act_quantizer(m):
+        return _act_quant(w, name, m, x)
+    if isinstance(m, nn.Conv2d):
+        return _conv(w, name, m, x)
+    if isinstance(m, nn.Linear):
+        return _linear(w, name, m, x)
+    if isinstance(m, nn.BatchNorm2d):
+        return _batchnorm(w, name, m, x)
+    if isinstance(m, (nn.Identity, nn.Dropout)):
+        return x
+    if isinstance(m, nn.ReLU):
+        return w.node('Relu', [x], name)
+    if isinstance(m, nn.ReLU6):
+        return w.node('Clip', [x, w.const(f'{name}.lo', np.array(0, np.float32)),
+                               w.const(f'{name}.hi', np.array(6, np.float32))], name)
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        return _pool(w, name, m, x)
+    if isinstance(m, nn.Flatten) and m.end_dim == -1:
+        return w.node('Flatten', [x], name, axis=m.start_dim)
+    raise ExportError(f'export: module {name} ({type(m).__name__}) has no ONNX form in the exporter')
+
+
+def _function(w: _Writer, node: fx.Node, args: List[Any]) -> str:
+    t, name = node.target, node.name
+    if t in (operator.add, torch.add) and len(args) == 2 and all(isinstance(a, str) for a in args):
+        return w.node('Add', args, name)
+    if t in (operator.mul, torch.mul) and len(args) == 2 and all(isinstance(a, str) for a in args):
+        return w.node('Mul', args, name)
+    if t is torch.flatten and (args[1:] in ([1], [1, -1]) or node.kwargs.get('start_dim') == 1):
+        return w.node('Flatten', [args[0]], name, axis=1)
+    if t is torch.nn.functional.relu:
+        return w.node('Relu', [args[0]], name)
+    if t is torch.cat and isinstance(args[0], (list, tuple)):
+        return w.node('Concat', list(args[0]), name, axis=int(args[1] if len(args) > 1 else node.kwargs.get('dim', 0)))
+    raise ExportError(f'export: function {getattr(t, "__name__", t)} at {name} has no ONNX form in the exporter')
+
+
+def _method(w: _Writer, node: fx.Node, args: List[Any]) -> str:
+    name, x = node.name, args[0]
+    if node.target == 'mean':
+        dims = args[1] if len(args) > 1 else node.kwargs.get('dim')
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        keep = int(bool(args[2] if len(args) > 2 else node.kwargs.get('keepdim', False)))
+        return w.node('ReduceMean', [x, w.const(f'{name}.axes', np.array(dims, np.int64))], name, keepdims=keep)
+    if node.target == 'flatten' and (args[1:] in ([1], [1, -1]) or node.kwargs.get('start_dim') == 1):
+        return w.node('Flatten', [x], name, axis=1)
+    raise ExportError(f'export: method .{node.target}() at {name} has no ONNX form in the exporter')
+
+
+def build_onnx(qmodel: fx.GraphModule, sample: torch.Tensor, quantized: bool = True):
+    """The ONNX model of the quantized (or, with ``quantized=False``, the same float) graph."""
+    from onnx import TensorProto, helper
+    w = _Writer(quantized)
+    modules = dict(qmodel.named_modules())
+    env: Dict[fx.Node, Any] = {}
+    out_name = None
+    for node in qmodel.graph.nodes:
+        args = [env[a] if isinstance(a, fx.Node) else
+                ([env[b] if isinstance(b, fx.Node) else b for b in a] if isinstance(a, (list, tuple)) else a)
+                for a in node.args]
+        if node.op == 'placeholder':
+            env[node] = 'input'
+        elif node.op == 'call_module':
+            env[node] = _module(w, node.target, modules[node.target], args[0])
+        elif node.op == 'call_function':
+            env[node] = _function(w, node, args)
+        elif node.op == 'call_method':
+            env[node] = _method(w, node, args)
+        elif node.op == 'output':
+            out_name = args[0]
+        else:
+            raise ExportError(f'export: graph node {node.name} ({node.op}) has no ONNX form in the exporter')
+    if not isinstance(out_name, str):
+        raise ExportError('export: the model must return one tensor (the logits)')
+    w.nodes.append(helper.make_node('Identity', [out_name], ['logits']))
+    shape = ['batch', *sample.shape[1:]]
+    graph = helper.make_graph(w.nodes, 'mrecg_quantized' if quantized else 'mrecg_float',
+                              [helper.make_tensor_value_info('input', TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', None])],
+                              w.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', OPSET)], producer_name='mrecg')
+    return model, w.weight_types
+
+
+# ---- checking in onnxruntime ------------------------------------------------------------------------------
+def _session(path: str):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+def _latency_ms(session, sample: np.ndarray, repeats: int = 50) -> float:
+    for _ in range(5):
+        session.run(None, {'input': sample})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, {'input': sample})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+@torch.no_grad()
+def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]):
+    """onnxruntime's and the fake-quant model's top-1 on the same batches, and the largest logit difference."""
+    qmodel = qmodel.cpu().eval()
+    hits_ort = hits_fq = same = total = 0
+    max_diff = 0.0
+    for x, y in batches:
+        ref = qmodel(x.float()).float()
+        got = torch.from_numpy(session.run(None, {'input': x.float().numpy()})[0])
+        max_diff = max(max_diff, float((got - ref).abs().max()))
+        hits_ort += int((got.argmax(1) == y).sum())
+        hits_fq += int((ref.argmax(1) == y).sum())
+        same += int((got.argmax(1) == ref.argmax(1)).sum())
+        total += len(y)
+    if total == 0:
+        raise ExportError('export: the evaluation data is empty')
+    return 100.0 * hits_ort / total, 100.0 * hits_fq / total, 100.0 * same / total, max_diff, total
+
+
+def export_onnx(qmodel: fx.GraphModule, path: str, sample: torch.Tensor,
+                eval_batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None) -> ExportReport:
+    """Write ``path`` (quantized) and ``<path stem>.float.onnx`` (the same graph in float), load both in
+    onnxruntime, time them at batch 1 and, with ``eval_batches``, compare top-1, argmax and logits with the
+    fake-quant model. ``sample`` is an input batch (for the shape). ``check_export`` applies the 0.1-point rule."""
+    import onnx
+    import onnxruntime as ort
+    float_path = os.path.splitext(path)[0] + '.float.onnx'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model, types = build_onnx(qmodel, sample, quantized=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    onnx.save(build_onnx(qmodel, sample, quantized=False)[0], float_path)
+    q_session, f_session = _session(path), _session(float_path)
+    one = sample[:1].float().cpu().numpy()
+    report = ExportReport(path, float_path, OPSET, os.path.getsize(path), os.path.getsize(float_path), types,
+                          onnxruntime=ort.__version__,
+                          latency_ms={'quantized': _latency_ms(q_session, one), 'float': _latency_ms(f_session, one)})
+    if eval_batches is not None:
+        (report.onnxruntime_top1, report.fake_quant_top1, report.agreement, report.max_logit_diff,
+         report.eval_images) = _compare(q_session, qmodel, eval_batches)
+    return report
+
+
+def check_export(report: ExportReport) -> None:
+    """The issue's rule: onnxruntime's top-1 may differ from the fake-quant model's by at most 0.1 point."""
+    if report.onnxruntime_top1 is None:
+        return
+    gap = abs(report.onnxruntime_top1 - report.fake_quant_top1)
+    if gap > MAX_TOP1_GAP:
+        raise ExportError(f'export: onnxruntime top-1 {report.onnxruntime_top1:.2f} differs from the fake-quant '
+                          f'model\'s {report.fake_quant_top1:.2f} by {gap:.2f} > {MAX_TOP1_GAP} point ({report.agreement:.2f} % '
+                          f'of {report.eval_images} images agree, max logit difference {report.max_logit_diff:.3g}); '
+                          f'the files are in {os.path.dirname(os.path.abspath(report.path))}')
