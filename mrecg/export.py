@@ -10,7 +10,8 @@ written here node by node from the quantized ``torch.fx`` graph with ``onnx.help
 - every activation quantizer as ``QuantizeLinear``/``DequantizeLinear`` (uint8 container) with the learned
   step and zero point, then a ``Clip`` to the quantizer's exact range when it has fewer than 8 bits (a
   container's saturation alone would let a 2- or 3-bit activation take 4- or 8-bit values);
-- BN (when not folded), ReLU/ReLU6, pooling, adds, flatten, mean as their ONNX operators.
+- BN (when not folded), ReLU/ReLU6 and the usual activations, pooling, adds, products, concatenation,
+  flatten, mean as their ONNX operators.
 
 Anything else is an ``ExportError`` naming the node: never a silently different graph.
 """
@@ -167,10 +168,11 @@ def _pool(w: _Writer, name: str, m: nn.Module, x: str) -> str:
         if _pair(m.output_size) != [1, 1]:
             raise ExportError(f'export: {name} is an adaptive pool to {m.output_size}; only to 1x1 is written')
         return w.node('GlobalAveragePool', [x], name)
-    if getattr(m, 'ceil_mode', False) or (isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != [1, 1]):
-        raise ExportError(f'export: {name} uses ceil_mode or dilation; not written')
+    if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != [1, 1]:
+        raise ExportError(f'export: {name} is a dilated max pool; not written')
     p = _pair(m.padding)
-    attrs = dict(kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride or m.kernel_size), pads=p + p)
+    attrs = dict(kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride or m.kernel_size), pads=p + p,
+                 ceil_mode=int(bool(m.ceil_mode)))
     if isinstance(m, nn.AvgPool2d):
         attrs['count_include_pad'] = int(m.count_include_pad)
         return w.node('AveragePool', [x], name, **attrs)
@@ -193,11 +195,32 @@ def _module(w: _Writer, name: str, m: nn.Module, x: str) -> str:
     if isinstance(m, nn.ReLU6):
         return w.node('Clip', [x, w.const(f'{name}.lo', np.array(0, np.float32)),
                                w.const(f'{name}.hi', np.array(6, np.float32))], name)
+    if type(m) in ACTIVATIONS:
+        return _activation(w, name, ACTIVATIONS[type(m)], x, getattr(m, 'negative_slope', None))
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return _pool(w, name, m, x)
     if isinstance(m, nn.Flatten) and m.end_dim == -1:
         return w.node('Flatten', [x], name, axis=m.start_dim)
     raise ExportError(f'export: module {name} ({type(m).__name__}) has no ONNX form in the exporter')
+
+
+ACTIVATIONS = {nn.Sigmoid: 'Sigmoid', nn.SiLU: 'SiLU', nn.Hardswish: 'HardSwish', nn.Hardsigmoid: 'HardSigmoid',
+               nn.LeakyReLU: 'LeakyRelu', nn.Tanh: 'Tanh'}
+FUNCTIONS = {torch.sigmoid: 'Sigmoid', torch.nn.functional.sigmoid: 'Sigmoid', torch.nn.functional.silu: 'SiLU',
+             torch.nn.functional.hardswish: 'HardSwish', torch.nn.functional.hardsigmoid: 'HardSigmoid',
+             torch.tanh: 'Tanh'}
+
+
+def _activation(w: _Writer, name: str, op: str, x: str, slope: Optional[float] = None) -> str:
+    """An element-wise activation. SiLU is x * sigmoid(x); HardSigmoid uses PyTorch's slope 1/6 (ONNX's
+    default is 0.2)."""
+    if op == 'SiLU':
+        return w.node('Mul', [x, w.node('Sigmoid', [x], f'{name}.sigmoid')], name)
+    if op == 'HardSigmoid':
+        return w.node('HardSigmoid', [x], name, alpha=1.0 / 6, beta=0.5)
+    if op == 'LeakyRelu':
+        return w.node('LeakyRelu', [x], name, alpha=float(slope))
+    return w.node(op, [x], name)
 
 
 def _function(w: _Writer, node: fx.Node, args: List[Any]) -> str:
@@ -210,6 +233,14 @@ def _function(w: _Writer, node: fx.Node, args: List[Any]) -> str:
         return w.node('Flatten', [args[0]], name, axis=1)
     if t is torch.nn.functional.relu:
         return w.node('Relu', [args[0]], name)
+    if t is torch.nn.functional.adaptive_avg_pool2d and _pair(args[1] if len(args) > 1 else
+                                                              node.kwargs.get('output_size')) == [1, 1]:
+        return w.node('GlobalAveragePool', [args[0]], name)
+    if getattr(t, '__name__', '') == 'stochastic_depth' and not (args[3] if len(args) > 3 else
+                                                                 node.kwargs.get('training', True)):
+        return args[0]  # torchvision's stochastic depth outside training is the identity
+    if t in FUNCTIONS and not node.kwargs.get('inplace', False):
+        return _activation(w, name, FUNCTIONS[t], args[0])
     if t is torch.cat and isinstance(args[0], (list, tuple)):
         return w.node('Concat', list(args[0]), name, axis=int(args[1] if len(args) > 1 else node.kwargs.get('dim', 0)))
     raise ExportError(f'export: function {getattr(t, "__name__", t)} at {name} has no ONNX form in the exporter')
@@ -290,7 +321,8 @@ def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
     for x, y in batches:
         ref = qmodel(x.float()).float()
         got = torch.from_numpy(session.run(None, {'input': x.float().numpy()})[0])
-        max_diff = max(max_diff, float((got - ref).abs().max()))
+        diff = (got - ref).abs()
+        max_diff = max(max_diff, float(torch.nan_to_num(diff, nan=float('inf')).max()))  # NaN logits: inf
         hits_ort += int((got.argmax(1) == y).sum())
         hits_fq += int((ref.argmax(1) == y).sum())
         same += int((got.argmax(1) == ref.argmax(1)).sum())
