@@ -46,6 +46,11 @@ def test_export_has_low_bit_weights_exact_ranges_and_runs_in_onnxruntime(name, w
         values = numpy_helper.to_array(q).astype(np.int64)
         assert values.min() >= 0 and values.max() <= 2 ** bits - 1 and values.shape == tuple(layer.weight.shape)
         assert bits == (8 if layer_name in ('features.0.0', 'classifier.1', 'conv1', 'fc') else w_bit)
+        scale = numpy_helper.to_array(inits[f'{layer_name}.weight_scale']).reshape(-1, *[1] * (values.ndim - 1))
+        zero = numpy_helper.to_array(inits[f'{layer_name}.weight_zero_point']).astype(np.int64)
+        with torch.no_grad():
+            expected = layer.weight_fake_quant(layer.weight).numpy()
+        assert np.array_equal((values - zero.reshape(scale.shape)).astype(np.float32) * scale, expected)
     assert report.weight_types == {'uint8': 2, 'uint4': len(layers) - 2}
     act_quants = [m for m in result.model.modules() if is_act_quantizer(m)]
     ops = [n.op_type for n in graph.node]
