@@ -110,13 +110,6 @@ def restore_state(qmodel: nn.Module, state: RunState) -> None:
         mods[name].weight_fake_quant.hardened = True
 
 
-def _timed(timings: Timings, name: str, fn: Callable[[], Any]) -> Any:
-    t = time.perf_counter()
-    out = fn()
-    setattr(timings, name, getattr(timings, name) + time.perf_counter() - t)
-    return out
-
-
 def _evaluate(model: nn.Module, eval_data: Optional[EvalData], cfg: Config, device: torch.device, desc: str,
               progress: bool) -> Optional[Accuracy]:
     if eval_data is None:
@@ -213,7 +206,11 @@ class _Session:
         self.before = resume.elapsed if resume else 0.0
 
     def timed(self, name: str, fn: Callable[[], Any]) -> Any:
-        return _timed(self.timings, name, fn)
+        """``fn()``, its seconds added to ``timings.<name>``."""
+        t = time.perf_counter()
+        out = fn()
+        setattr(self.timings, name, getattr(self.timings, name) + time.perf_counter() - t)
+        return out
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.start
@@ -261,5 +258,5 @@ def _warnings(results: List[GroupResult], q_acc: Optional[Accuracy]) -> List[str
     warnings = [w for r in results for w in r.warnings]
     if q_acc is not None and q_acc.top1 is None:
         warnings.append(f'the quantized model produced non-finite logits in {q_acc.nonfinite_batches} '
-                            'batches: no accuracy is reported')
+                        'batches: no accuracy is reported')
     return warnings

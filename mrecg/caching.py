@@ -33,6 +33,11 @@ def model_digest(model: nn.Module) -> str:
     return tensor_digest(sorted(model.state_dict().items()))
 
 
+def digest(obj: Any) -> str:
+    """A stable hash of a JSON-able description."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def images_id(images: torch.Tensor) -> str:
     """The identity of calibration images handed over as a tensor: their digest."""
     return tensor_digest([('images', images)])
@@ -44,7 +49,7 @@ def data_config_id(cfg: Config) -> str:
     key = {'type': d.type, 'path': d.path, 'kwargs': d.kwargs, 'input_size': d.input_size, 'mean': d.mean,
            'std': d.std, 'test_resize': d.test_resize, 'cali_transform': d.cali_transform,
            'split_seed': d.split_seed, 'cali_size': cfg.quantize.cali_size}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(key)
 
 
 def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str) -> str:
@@ -58,7 +63,7 @@ def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str) -> 
     if kind == 'loss':
         key.update(units=cfg.model.units, recon=asdict(q.reconstruction),
                    probe_iterations=cfg.mrecg.probe_iterations)
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest(key)[:24]
 
 
 class RunCache:

@@ -11,7 +11,7 @@ import copy
 import difflib
 import os
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
@@ -71,11 +71,6 @@ def key(default: Any = None, check: Optional[Callable] = None, doc: str = ''):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def section(cls):
-    """A config section: a dataclass whose fields are keys, validated when it is built."""
-    return dataclass(cls)
 
 
 # ---- type checking from annotations ----------------------------------------------------------------------
@@ -199,7 +194,7 @@ def to_plain(obj: Any) -> Any:
 Observer = Literal['MinMaxObserver', 'EMAMinMaxObserver', 'MSEObserver', 'EMAMSEObserver', 'EMAQuantileObserver']
 
 
-@section
+@dataclass
 class ModelConfig(Section):
     type: Optional[str] = key(None, doc='registry name, torchvision:<name>, timm:<name>, package.module:Name '
                                         'or path/to/file.py:Name')
@@ -208,7 +203,7 @@ class ModelConfig(Section):
     units: Optional[List[List[str]]] = key(None, non_empty_groups, 'explicit base units (lists of module names)')
 
 
-@section
+@dataclass
 class DataConfig(Section):
     type: str = key('imagenet', data_source, 'imagenet, imagefolder, digits, fashion_mnist or a factory')
     path: Optional[str] = key(None, doc='dataset folder (train/ and val/ for imagenet and imagefolder)')
@@ -232,7 +227,7 @@ class DataConfig(Section):
             raise ConfigError(f'({self.test_resize}) must be >= data.input_size ({self.input_size})', 'test_resize')
 
 
-@section
+@dataclass
 class WeightQuantConfig(Section):
     quantizer: Literal['AdaRoundFakeQuantize'] = key('AdaRoundFakeQuantize')
     observer: Observer = key('MSEObserver')
@@ -249,14 +244,14 @@ class WeightQuantConfig(Section):
         return scheme
 
 
-@section
+@dataclass
 class ActQuantConfig(WeightQuantConfig):
     quantizer: Literal['QDropFakeQuantize'] = key('QDropFakeQuantize')
     observer: Observer = key('EMAMSEObserver')
     per_channel: bool = key(False)
 
 
-@section
+@dataclass
 class LayerBits(Section):
     """Bits for the conv/linear layers whose names match ``modules`` (names or glob patterns); ``a_bit`` is
     the bit-width of the layer's input quantizer (MQBench quantizes the input of every conv/linear)."""
@@ -269,7 +264,7 @@ class LayerBits(Section):
             raise ConfigError(f'the entry for {self.modules} sets neither w_bit nor a_bit')
 
 
-@section
+@dataclass
 class ReconstructionConfig(Section):
     enabled: bool = key(True, doc='false = nearest rounding after calibration')
     granularity: Literal['block', 'layer'] = key('block')
@@ -285,7 +280,7 @@ class ReconstructionConfig(Section):
     cache_dtype: Literal['float32', 'float16', 'bfloat16'] = key('float32')
 
 
-@section
+@dataclass
 class QuantizeConfig(Section):
     w_qconfig: WeightQuantConfig = key(None)
     a_qconfig: ActQuantConfig = key(None)
@@ -307,7 +302,7 @@ class QuantizeConfig(Section):
             'a_fakequantize': a.quantizer, 'w_qscheme': w.qscheme(), 'a_qscheme': a.qscheme()}}
 
 
-@section
+@dataclass
 class MrecgConfig(Section):
     metric: Literal['none', 'modcap', 'loss'] = key('none')
     k: int = key(0, non_negative, 'number of adjacent pairs to merge')
@@ -337,7 +332,7 @@ class MrecgConfig(Section):
         return self.metric != 'none' or bool(self.scheme)
 
 
-@section
+@dataclass
 class ProcessConfig(Section):
     seed: int = key(1005)
     device: Literal['auto', 'cpu', 'cuda'] = key('auto')
@@ -345,7 +340,7 @@ class ProcessConfig(Section):
     cache_calibration: bool = key(False, doc='reuse calibrated quantizer ranges across runs')
 
 
-@section
+@dataclass
 class Config(Section):
     model: ModelConfig = key(None)
     data: DataConfig = key(None)
@@ -378,9 +373,6 @@ class Config(Section):
             return 'nearest'
         base = 'adaround' if rec.granularity == 'layer' else ('brecq' if rec.prob >= 1.0 else 'qdrop')
         return f'mrecg+{base}' if self.mrecg.grouped else base
-
-    def replace(self, **sections) -> 'Config':
-        return replace(self, **sections)
 
 
 # ---- files and overrides ---------------------------------------------------------------------------------

@@ -158,6 +158,11 @@ def check_data(cfg: DataConfig) -> None:
         import_object(cfg.type, 'data.type')
 
 
+def image_of(item: Any) -> Any:
+    """The image of a dataset item or batch: the first element of ``(image, label)``, or the item itself."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
 def check_items(ds: Dataset, what: str, labelled: bool) -> None:
     """Read the first item and check its form: ``(image tensor C x H x W, label)`` (a bare tensor is enough
     for calibration)."""
@@ -165,7 +170,7 @@ def check_items(ds: Dataset, what: str, labelled: bool) -> None:
         raise UserError(f'{what} is empty')
     with reading(f'{what} item 0'):
         item = ds[0]
-    image = item[0] if isinstance(item, (tuple, list)) else item
+    image = image_of(item)
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise UserError(f'{what} items must be (image tensor of shape C x H x W, float, label); item 0 holds {got}')
@@ -226,7 +231,7 @@ def _from_loader(loader: DataLoader, size: int) -> torch.Tensor:
 
 
 def _images_of(batch: Any) -> torch.Tensor:
-    images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    images = image_of(batch)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise UserError('calibration batches must hold images as an N x C x H x W tensor (or (images, labels))')
     return images.float()
@@ -284,6 +289,5 @@ def sample_input(data: Union[CalibData, Sequence]) -> Optional[torch.Tensor]:
     if isinstance(data, DataLoader):
         return None
     with reading('calibration data item 0'):
-        item = data[0]
-    image = item[0] if isinstance(item, (tuple, list)) else item
+        image = image_of(data[0])
     return image.unsqueeze(0) if isinstance(image, torch.Tensor) else None

@@ -110,11 +110,14 @@ def _weight(w: _Writer, name: str, layer: nn.Module) -> str:
         q = torch.clamp(torch.round(on_grid / scale.reshape(shape)) + zp.reshape(shape), fq.quant_min, fq.quant_max)
     bits = quantizer_bits(fq)
     per_channel = scale.numel() > 1
+    scales, zeros = scale.cpu().numpy(), zp.cpu().numpy()
+    if not per_channel:  # one scale and zero point: ONNX scalars
+        scales, zeros = scales.reshape(()), zeros.reshape(())
     q_name = w.low_bit(f'{name}.weight_q', q.cpu().numpy(), bits)
-    s_name = w.const(f'{name}.weight_scale', scale.cpu().numpy() if per_channel else scale.cpu().numpy()[0])
-    zp_vals = zp.cpu().numpy() if per_channel else zp.cpu().numpy()[:1].reshape(())
-    z_name = w.low_bit(f'{name}.weight_zero_point', zp_vals, bits, weight=False)
-    return w.node('DequantizeLinear', [q_name, s_name, z_name], f'{name}.weight', **({'axis': 0} if per_channel else {}))
+    s_name = w.const(f'{name}.weight_scale', scales)
+    z_name = w.low_bit(f'{name}.weight_zero_point', zeros, bits, weight=False)
+    axis = {'axis': 0} if per_channel else {}
+    return w.node('DequantizeLinear', [q_name, s_name, z_name], f'{name}.weight', **axis)
 
 
 def _act_quant(w: _Writer, name: str, fq: nn.Module, x: str) -> str:
@@ -363,6 +366,7 @@ def check_export(report: ExportReport) -> None:
     gap = abs(report.onnxruntime_top1 - report.fake_quant_top1)
     if gap > MAX_TOP1_GAP:
         raise ExportError(f'export: onnxruntime top-1 {report.onnxruntime_top1:.2f} differs from the fake-quant '
-                          f'model\'s {report.fake_quant_top1:.2f} by {gap:.2f} > {MAX_TOP1_GAP} point ({report.agreement:.2f} % '
+                          f'model\'s {report.fake_quant_top1:.2f} by {gap:.2f} > {MAX_TOP1_GAP} point '
+                          f'({report.agreement:.2f} % '
                           f'of {report.eval_images} images agree, max logit difference {report.max_logit_diff:.3g}); '
                           f'the files are in {os.path.dirname(os.path.abspath(report.path))}')

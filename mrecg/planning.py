@@ -46,7 +46,7 @@ def prepare(model: nn.Module, cfg: Config) -> Prepared:
         if cfg.quantize.reconstruction.granularity == 'layer':
             units = layer_base_units(qmodel)
         else:
-            units = model_base_units(folded, cfg.model.units, modules_with_own_ops(qmodel))
+            units = model_base_units(folded, cfg.model.units, modules_with_own_ops(qmodel) if generic else None)
             if generic:
                 units = join_forks(qmodel, called_only(qmodel, units))
         partition = UnitPartition.build(qmodel, units)

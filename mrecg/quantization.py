@@ -72,10 +72,10 @@ def prepare_model(model: nn.Module, settings: QuantizeConfig) -> fx.GraphModule:
     must be BN-folded already if folding is wanted. Returns the prepared GraphModule with observers and
     quantizers off. A model MQBench cannot trace is a ``UserError`` naming the module that stopped it."""
     model.eval()
-    check_traceable(model)
     try:
         prepared = prepare_by_platform(model, BackendType.Academic, settings.mqbench_prepare_dict())
     except Exception as exc:
+        check_traceable(model)  # an untraceable model: the error names the module that stopped the trace
         raise prepare_error(exc) from None
     prepared.eval()
     disable_all(prepared)

@@ -184,11 +184,10 @@ def export_folder(output: str, cfg: Config, qmodel: nn.Module, train, val, recor
     """``DIR/model.onnx`` (+ ``model.float.onnx``) from the quantized model, checked in onnxruntime on the
     evaluation data; the report goes into ``results.json`` under ``export`` before the 0.1-point rule is
     applied, so a failing check loses nothing."""
-    from mrecg.data import eval_batches
+    from mrecg.data import eval_batches, sample_input
     from mrecg.export import check_export, export_onnx
-    sample = train[0][0] if isinstance(train[0], (tuple, list)) else train[0]
     batches = eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit) if val is not None else None
-    report = export_onnx(qmodel.cpu(), os.path.join(output, ONNX), sample.unsqueeze(0), batches)
+    report = export_onnx(qmodel.cpu(), os.path.join(output, ONNX), sample_input(train), batches)
     record['export'] = report.to_dict()
     write_json(os.path.join(output, RESULTS), record)
     log.info('export: %s (%d bytes; float %d bytes), onnxruntime top-1 %s vs fake-quant %s, %s %% agree',

@@ -44,6 +44,16 @@ def model_base_units(model: nn.Module, override: Optional[Sequence[Sequence[str]
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+def stack_paths(node: fx.Node) -> List[str]:
+    """The qualified names of the modules a traced node ran inside, outermost first (``nn_module_stack``)."""
+    return [p[0] if isinstance(p, tuple) else p for p in (node.meta.get('nn_module_stack') or {}).values()]
+
+
+def unit_of(modules: Sequence[str]) -> BaseUnit:
+    """A base unit named after its module, or its modules joined by '+'."""
+    return BaseUnit(modules[0] if len(modules) == 1 else '+'.join(modules), tuple(modules))
+
+
 def _weight_layers(module: nn.Module) -> int:
     return sum(isinstance(m, WEIGHT_LAYERS) for m in module.modules())
 
@@ -66,13 +76,8 @@ def _is_stage(module: nn.Module, name: str, own_ops: Set[str]) -> bool:
 
 def modules_with_own_ops(graph_module: fx.GraphModule) -> Set[str]:
     """Modules whose forward runs operations of its own (function and method calls), from the traced graph."""
-    owners = set()
-    for node in graph_module.graph.nodes:
-        stack = node.meta.get('nn_module_stack')
-        if node.op in ('call_function', 'call_method') and stack:
-            path = list(stack.values())[-1]
-            owners.add(path[0] if isinstance(path, tuple) else path)
-    return owners
+    return {stack_paths(node)[-1] for node in graph_module.graph.nodes
+            if node.op in ('call_function', 'call_method') and stack_paths(node)}
 
 
 def generic_partition(model: nn.Module, own_ops: Optional[Set[str]] = None) -> List[BaseUnit]:
@@ -104,7 +109,7 @@ def generic_partition(model: nn.Module, own_ops: Optional[Set[str]] = None) -> L
             pending.append(name)
     if pending and groups:
         groups[-1].extend(pending)
-    return [BaseUnit(g[-1] if len(g) == 1 else '+'.join(g), tuple(g)) for g in groups]
+    return [unit_of(g) for g in groups]
 
 
 def called_only(prepared: fx.GraphModule, units: List[BaseUnit]) -> List[BaseUnit]:
@@ -114,15 +119,13 @@ def called_only(prepared: fx.GraphModule, units: List[BaseUnit]) -> List[BaseUni
     for node in prepared.graph.nodes:
         if node.op == 'call_module':
             called.add(_strip_dup(node.target))
-        stack = node.meta.get('nn_module_stack') or {}
-        for path in stack.values():
-            called.add(path[0] if isinstance(path, tuple) else path)
+        called.update(stack_paths(node))
     prefixes = {'.'.join(c.split('.')[:i]) for c in called for i in range(1, len(c.split('.')) + 1)}
     kept = []
     for u in units:
         mods = tuple(m for m in u.modules if m in prefixes)
         if mods:
-            kept.append(u if mods == u.modules else BaseUnit('+'.join(mods) if len(mods) > 1 else mods[0], mods))
+            kept.append(u if mods == u.modules else unit_of(mods))
     return kept
 
 
@@ -181,7 +184,7 @@ def _move_tail(prepared: fx.GraphModule, units: List[BaseUnit], i: int) -> Optio
         cut -= 1
     for start in range(len(mods) - 1, cut - 1, -1):
         head, tail = mods[:start], mods[start:]
-        trial = units[:i] + [BaseUnit('+'.join(head) if len(head) > 1 else head[0], tuple(head)),
+        trial = units[:i] + [unit_of(head),
                              BaseUnit(units[i + 1].name, tuple(tail) + units[i + 1].modules)] + units[i + 2:]
         try:
             if boundary_widths(UnitPartition.build(prepared, trial))[i] == 1:
@@ -311,11 +314,9 @@ class UnitPartition:
             if self._is_act_quantizer(node):
                 return None
             return module_owner(_strip_dup(node.target), index)
-        stack = node.meta.get('nn_module_stack')
-        if stack:
-            path = list(stack.values())[-1]
-            path = path[0] if isinstance(path, tuple) else path
-            return module_owner(path, index)
+        paths = stack_paths(node)
+        if paths:
+            return module_owner(paths[-1], index)
         return None
 
     # ---- groups ----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
     python scripts/run_mqbench.py --config configs/fashion/mbv2_2_4.yaml --output outputs/x --set process.seed=2
 
-Same float model, calibration images, calibrated quantizers (calibrated as ours are, same seed), bits, iterations and images per step as ptq_main.py with that config; MQBench picks its own blocks.
+Same float model, calibration images, calibrated quantizers (calibrated as ours are, same seed), bits,
+iterations and images per step as ptq_main.py with that config; MQBench picks its own blocks.
 The per-unit loss curve is measured afterwards on our base units, so both curves are comparable.
 """
 import argparse

@@ -113,7 +113,8 @@ def _folder_config(tmp_path, folder):
     model = mrecg.create_model('resnet_small', {'in_chans': 3, 'num_classes': 2})
     torch.save(model.state_dict(), tmp_path / 'rand.pth')
     return deep_update(TINY, {
-        'model': {'type': 'resnet_small', 'kwargs': {'in_chans': 3, 'num_classes': 2}, 'path': str(tmp_path / 'rand.pth')},
+        'model': {'type': 'resnet_small', 'kwargs': {'in_chans': 3, 'num_classes': 2},
+                  'path': str(tmp_path / 'rand.pth')},
         'data': {'type': 'imagefolder', 'path': str(folder), 'input_size': 8, 'test_resize': 9, 'mean': [0.5],
                  'std': [0.25], 'batch_size': 4, 'num_workers': 0, 'eval_limit': None},
         'quantize': {'cali_size': 12, 'reconstruction': {'iterations': 2, 'batch_size': 4}}})

@@ -3,4 +3,4 @@ the built-in digits and Fashion-MNIST data; plus any torchvision, timm or user m
 from mrecg.zoo.registry import build_model, list_models, model_entry, model_kwargs_error, register_model  # noqa: F401
 from mrecg.zoo import mobilenet_v2, regnet, resnet  # noqa: F401  (registers the models)
 from mrecg.zoo.checkpoint import CheckpointError, load_checkpoint  # noqa: F401
-from mrecg.zoo.sources import create_model, is_registry_model, registry_family  # noqa: F401
+from mrecg.zoo.sources import create_model, registry_family  # noqa: F401

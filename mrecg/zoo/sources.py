@@ -93,7 +93,3 @@ def registry_family(spec: str) -> str:
     except ValueError:
         return ''
 
-
-def is_registry_model(spec: str) -> bool:
-    return bool(spec) and not is_import_path(spec) and not spec.startswith(('torchvision:', 'timm:')) \
-        and spec in list_models()
