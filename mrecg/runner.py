@@ -30,7 +30,7 @@ from mrecg.zoo import CheckpointError, create_model, load_checkpoint, registry_f
 log = logging.getLogger('mrecg')
 CONFIG, RESULTS, CSV, PLOT, STATE, LOG, QMODEL = ('config.yaml', 'results.json', 'results.csv', 'loss_curve.png',
                                                   'checkpoint.pt', 'run.log', 'quantized_model.pt')
-ONNX = 'model.onnx'
+ONNX, FLOAT_ONNX = 'model.onnx', 'model.float.onnx'  # export_onnx names the float twin after ONNX
 STATE_FORMAT = 3  # 3: typed run state (GroupingInfo fields) from the Python API
 
 
@@ -100,7 +100,7 @@ def prepare_output_dir(path: str, resume: bool, overwrite: bool) -> None:
                         '--overwrite')
     check_writable(path)
     if overwrite and not resume:
-        for name in (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG):
+        for name in (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX):
             if os.path.exists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
 

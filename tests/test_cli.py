@@ -136,10 +136,12 @@ def test_finished_folder_is_never_silently_overwritten(write_config, tmp_path, c
     out = str(tmp_path / 'run')
     assert cli(['--config', cfg, '--output', out, '--no-progress'], capsys)[0] == 0
     first = open(os.path.join(out, 'results.json')).read()
+    open(os.path.join(out, 'model.onnx'), 'w').write('from an earlier --export')
     code, _, err = cli(['--config', cfg, '--output', out, '--no-progress'], capsys)
     assert code == 2 and 'already holds a finished run' in err
     assert open(os.path.join(out, 'results.json')).read() == first
     assert cli(['--config', cfg, '--output', out, '--no-progress', '--overwrite'], capsys)[0] == 0
+    assert not os.path.exists(os.path.join(out, 'model.onnx'))  # no stale export beside the new run
 
 
 def test_calibration_cache_gives_identical_results(write_config, tmp_path, capsys):
