@@ -8,7 +8,8 @@
 Steps: draw the calibration images (seeded), evaluate the float model, prepare (fold BN, insert MQBench
 quantizers, per-layer bits, units), calibrate, choose MRECG's groups, reconstruct unit by unit, evaluate.
 Nothing is written unless ``cache_dir`` is given; ``ptq_main.py`` wraps this with an output folder,
-resume and caches (``mrecg.runner``).
+resume and caches (``mrecg.runner``). Called in every process of an initialised torch.distributed group
+(``torchrun``), the run is data-parallel (``mrecg.distributed``) and every rank returns the same result.
 """
 import copy
 import logging
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from mrecg.caching import RunCache, images_id
 from mrecg.config import Config, as_config
+from mrecg.distributed import Dist, check_divisible, current
 from mrecg.data import CalibData, EvalData, calibration_images, eval_batches, reading
 from mrecg.errors import UserError
 from mrecg.evaluation import Accuracy, evaluate
@@ -54,6 +56,7 @@ class RunState:
     hardened: List[str]
     qmodel_state: Dict[str, torch.Tensor]
     elapsed: float = 0.0
+    world_size: int = 1
 
 
 @dataclass
@@ -75,6 +78,8 @@ class QuantizationResult:
     device: str
     warnings: List[str] = field(default_factory=list)
     resumed: bool = False
+    world_size: int = 1
+    peak_cache_bytes_per_rank: List[int] = field(default_factory=list)
 
     def __str__(self) -> str:
         acc = self.accuracy.top1 if self.accuracy else None
@@ -110,19 +115,27 @@ def restore_state(qmodel: nn.Module, state: RunState) -> None:
         mods[name].weight_fake_quant.hardened = True
 
 
-def _evaluate(model: nn.Module, eval_data: Optional[EvalData], cfg: Config, device: torch.device, desc: str,
-              progress: bool) -> Optional[Accuracy]:
+def _evaluate(model: nn.Module, eval_data: Optional[EvalData], run: '_Session', desc: str) -> Optional[Accuracy]:
     if eval_data is None:
         return None
-    d = cfg.data
-    batches = eval_batches(eval_data, d.batch_size, d.eval_limit, d.num_workers, d.pin_memory and device.type == 'cuda')
+    d, device = run.cfg.data, run.device
+    batches = eval_batches(eval_data, d.batch_size, d.eval_limit, d.num_workers, d.pin_memory and device.type == 'cuda',
+                           part=(run.dist.rank, run.dist.world))
     with reading('evaluation data'):
-        return evaluate(model, batches, device, desc, progress)
+        return evaluate(model, batches, device, desc, run.progress, run.dist)
 
 
 def _calibrate(prepared: Prepared, images: torch.Tensor, cfg: Config, device: torch.device,
-               cache: Optional[RunCache]) -> bool:
-    """Calibrate the quantizers, or load the ranges a cached identical run computed. True if reused."""
+               cache: Optional[RunCache], dist: Dist) -> bool:
+    """Calibrate the quantizers, or load the ranges a cached identical run computed. True if reused.
+    Data-parallel: rank 0 does it on every calibration image and the others receive its state."""
+    if dist.enabled:
+        reused = _calibrate(prepared, images, cfg, device, cache, Dist()) if dist.main else None
+        state = dist.broadcast({k: v.cpu() for k, v in prepared.qmodel.state_dict().items()} if dist.main else None)
+        if not dist.main:
+            load_quantized_state(prepared.qmodel, {k: v.to(device) for k, v in state.items()})
+            enable_quantization(prepared.qmodel)
+        return dist.broadcast(reused)
     cached = cache.calibration() if cache else None
     if cached is not None:
         load_quantized_state(prepared.qmodel, {k: v.to(device) for k, v in cached.items()})
@@ -134,11 +147,13 @@ def _calibrate(prepared: Prepared, images: torch.Tensor, cfg: Config, device: to
     return False
 
 
-def _probe_losses(cfg: Config, prepared: Prepared, fp_model: fx.GraphModule, images: torch.Tensor,
-                  device: torch.device, progress: bool, cache: Optional[RunCache]) -> List[float]:
-    """The loss metric: per-unit losses of a plain (ungrouped) run on a copy of the calibrated model."""
+def _probe_losses(run: '_Session', prepared: Prepared, fp_model: fx.GraphModule, images: torch.Tensor,
+                  cache: Optional[RunCache]) -> List[float]:
+    """The loss metric: per-unit losses of a plain (ungrouped) run on a copy of the calibrated model
+    (``images``: this rank's shard; rank 0 decides whether the cache holds them)."""
+    cfg, device, progress = run.cfg, run.device, run.progress
     names = [u.name for u in prepared.units]
-    cached = cache.unit_losses(names) if cache else None
+    cached = run.dist.broadcast(cache.unit_losses(names) if cache and run.dist.main else None)
     if cached is not None:
         log.info('loss metric: reusing cached plain per-unit losses (%s)', cache.folder)
         return cached
@@ -148,10 +163,10 @@ def _probe_losses(cfg: Config, prepared: Prepared, fp_model: fx.GraphModule, ima
     settings = replace(cfg.quantize.reconstruction, iterations=iterations)
     log.info('loss metric: plain probe pass, %d iterations per unit', iterations)
     probe = Reconstructor(probe_model, fp_model, partition, groups_from_spans([], len(names)), settings, device,
-                          cfg.process.seed, progress, chunk_size=cfg.data.batch_size)
+                          cfg.process.seed, progress, chunk_size=cfg.data.batch_size, dist=run.dist)
     probe.run(images)
     losses = list(probe.unit_losses)
-    if cache:
+    if cache and run.dist.main:
         cache.save_unit_losses(names, losses, iterations)
     return losses
 
@@ -171,37 +186,43 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
     cfg = as_config(config)
     if not isinstance(model, nn.Module):
         raise UserError(f'model must be a torch.nn.Module, got {type(model).__name__}')
-    run = _Session(cfg, resolve_device(device or cfg.process.device), progress, resume)
+    run = _Session(cfg, resolve_device(device or cfg.process.device), progress, resume, current())
     images = run.timed('calibration_data_seconds', lambda: calibration_images(
         calib_data, cfg.quantize.cali_size, cfg.process.seed, cfg.data.batch_size, cfg.data.num_workers))
     model = model.eval()
     fp_acc = resume.fp_accuracy if resume else run.timed(
-        'fp_eval_seconds', lambda: _evaluate(model.to(run.device), eval_data, cfg, run.device, 'eval float', progress))
+        'fp_eval_seconds', lambda: _evaluate(model.to(run.device), eval_data, run, 'eval float'))
     if fp_acc is not None and not resume:
         log.info('float top-1 %s top-5 %s on %d images', fp_acc.top1, fp_acc.top5, fp_acc.images)
-    cache = RunCache(cache_dir, cfg, model, data_id or images_id(images),
-                     cfg.model.type or type(model).__name__) if cache_dir else None
+    cache = RunCache(cache_dir, cfg, model, data_id or images_id(images), cfg.model.type or type(model).__name__,
+                     world=run.dist.world) if cache_dir else None
     prepared, fp_model = _calibrated(run, model, images, cache)
+    shard = run.dist.shard(images)  # reconstruction caches this rank's share only
+    del images
     info = resume.grouping if resume else run.timed('grouping_seconds', lambda: choose_groups(
-        cfg, prepared.partition, lambda: _probe_losses(cfg, prepared, fp_model, images, run.device, progress, cache)))
-    recon, results = _reconstruct(run, prepared, fp_model, info, images, fp_acc, on_unit_done)
+        cfg, prepared.partition, lambda: _probe_losses(run, prepared, fp_model, shard, cache)))
+    recon, results = _reconstruct(run, prepared, fp_model, info, shard, fp_acc, on_unit_done)
     enable_quantization(prepared.qmodel)
-    q_acc = run.timed('quant_eval_seconds', lambda: _evaluate(prepared.qmodel, eval_data, cfg, run.device,
-                                                              'eval quantized', progress))
+    q_acc = run.timed('quant_eval_seconds', lambda: _evaluate(prepared.qmodel, eval_data, run, 'eval quantized'))
     if q_acc is not None:
         log.info('quantized top-1 %s top-5 %s', q_acc.top1, q_acc.top5)
     run.timings.total_seconds = run.elapsed()
     return QuantizationResult(prepared.qmodel, cfg.method, [u.name for u in prepared.units], list(recon.unit_losses),
                               results, info, fp_acc, q_acc, layer_bit_table(prepared.qmodel), run.timings,
                               recon.peak_cache_bytes, prepared.bn_folded, str(run.device), _warnings(results, q_acc),
-                              resumed=resume is not None)
+                              resumed=resume is not None, world_size=run.dist.world,
+                              peak_cache_bytes_per_rank=run.dist.gather(recon.peak_cache_bytes))
 
 
 class _Session:
     """The clock, timings and settings one ``quantize`` call shares between its steps."""
 
-    def __init__(self, cfg: Config, device: torch.device, progress: bool, resume: Optional[RunState]):
-        self.cfg, self.device, self.progress, self.resume = cfg, device, progress, resume
+    def __init__(self, cfg: Config, device: torch.device, progress: bool, resume: Optional[RunState], dist: Dist):
+        self.cfg, self.device, self.progress, self.resume, self.dist = cfg, device, progress and dist.main, resume, dist
+        check_divisible(dist, cfg.quantize.cali_size, cfg.quantize.reconstruction.batch_size)
+        if resume and resume.world_size != dist.world:
+            raise UserError(f'this run was started on {resume.world_size} process(es) and is resumed on {dist.world}: '
+                            f'resume it with the same number (torchrun --nproc_per_node={resume.world_size})')
         self.start, self.timings = time.perf_counter(), Timings()
         self.before = resume.elapsed if resume else 0.0
 
@@ -228,7 +249,7 @@ def _calibrated(run: _Session, model: nn.Module, images: torch.Tensor,
     if run.resume:
         restore_state(prepared.qmodel, run.resume)
         prepared.qmodel.to(run.device)
-    elif run.timed('calibration_seconds', lambda: _calibrate(prepared, images, run.cfg, run.device, cache)):
+    elif run.timed('calibration_seconds', lambda: _calibrate(prepared, images, run.cfg, run.device, cache, run.dist)):
         log.info('calibration: reused the cached quantizer ranges (%s)', cache.folder)
     return prepared, fp_model
 
@@ -243,13 +264,13 @@ def _reconstruct(run: _Session, prepared: Prepared, fp_model: fx.GraphModule, in
              ' | '.join(f'[{"+".join(g)}]' for g in info.groups) or 'no merged groups')
 
     def report(results: List[GroupResult]) -> None:
-        if on_unit_done is not None:
+        if on_unit_done is not None and run.dist.main:
             on_unit_done(RunState(fp_acc, info, list(results), hardened_layers(qmodel), qmodel.state_dict(),
-                                  run.elapsed()))
+                                  run.elapsed(), run.dist.world))
     if not run.resume:
         report([])
     recon = Reconstructor(qmodel, fp_model, prepared.partition, groups, run.cfg.quantize.reconstruction, run.device,
-                          run.cfg.process.seed, run.progress, chunk_size=run.cfg.data.batch_size)
+                          run.cfg.process.seed, run.progress, chunk_size=run.cfg.data.batch_size, dist=run.dist)
     done = list(run.resume.results) if run.resume else []
     return recon, run.timed('reconstruction_seconds', lambda: recon.run(images, done, on_group_done=report))
 

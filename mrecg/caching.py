@@ -52,7 +52,7 @@ def data_config_id(cfg: Config) -> str:
     return digest(key)
 
 
-def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str) -> str:
+def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, world: int = 1) -> str:
     """Hash of everything a cached ``kind`` ('calibration' or 'loss') result depends on."""
     q = cfg.quantize
     key: Dict[str, Any] = {
@@ -63,18 +63,20 @@ def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str) -> 
     if kind == 'loss':
         key.update(units=cfg.model.units, recon=asdict(q.reconstruction),
                    probe_iterations=cfg.mrecg.probe_iterations)
+        if world > 1:  # a data-parallel probe draws other batches: its losses are not the single run's
+            key['world_size'] = world
     return digest(key)[:24]
 
 
 class RunCache:
     """The cache folder of one run (``process.cache_dir``), keyed by the run's weights and images."""
 
-    def __init__(self, folder: str, cfg: Config, model: nn.Module, data_id: str, label: str):
-        self.folder, self.cfg = folder, cfg
+    def __init__(self, folder: str, cfg: Config, model: nn.Module, data_id: str, label: str, world: int = 1):
+        self.folder, self.cfg, self.world = folder, cfg, world
         self.weights, self.images, self.label = model_digest(model), data_id, label
 
     def path(self, kind: str) -> str:
-        key = cache_key(self.cfg, kind, self.weights, self.images, self.label)
+        key = cache_key(self.cfg, kind, self.weights, self.images, self.label, self.world)
         return os.path.join(self.folder, f'{kind}_{key}.' + ('pt' if kind == 'calibration' else 'json'))
 
     def calibration(self) -> Optional[Dict[str, torch.Tensor]]:

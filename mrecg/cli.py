@@ -4,12 +4,15 @@
     ptq_main.py --config configs/demo/digits_qdrop_2_4.yaml --set mrecg.k=3 --output outputs/k3
     ptq_main.py --config configs/qdrop/res18_2_4.yaml --plan      # units, ModCap, groups; no data
     ptq_main.py --resume outputs/qdrop/mbv2_2_4                   # continue an interrupted run
+    torchrun --nproc_per_node=2 ptq_main.py --config ...          # one run, data-parallel (mrecg.distributed)
 
 (``mrecg-ptq`` is the same command once the package is installed.)
-Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (resumable), 1 internal error.
+Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (resumable), 1 internal error or a
+lost process of a data-parallel run (resumable).
 """
 import argparse
 import os
+import signal
 import sys
 
 from mrecg.config import PROJECT_ROOT
@@ -59,8 +62,9 @@ def print_plan(cfg) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mrecg.distributed import Dist, PeerLost, shutdown
     from mrecg.errors import UserError
-    output = args.resume or args.output
+    output, d = args.resume or args.output, Dist()
     try:
         from mrecg import runner
         from mrecg.api import resolve_device
@@ -75,26 +79,52 @@ def main(argv=None) -> int:
         device = str(resolve_device(args.device or cfg.process.device))
         output = output or default_output(args.config)
         model, train, val = runner.check_run(cfg)
-        runner.prepare_output_dir(output, bool(args.resume), args.overwrite)
-        setup_logging(os.path.join(output, runner.LOG))
+        d = join_process_group(device, cfg.process.dist_timeout_s)
+        runner.prepare_output_dir(output, bool(args.resume), args.overwrite, write=d.main)
+        d.barrier()
+        setup_logging(os.path.join(output, runner.LOG) if d.main else None, quiet=not d.main)
         record = runner.run(cfg, model, train, val, output, device, resume=bool(args.resume),
                             progress=not args.no_progress, export=args.export == 'onnx')
     except UserError as exc:
         print(f'error: {exc}{resume_hint(output)}', file=sys.stderr)
         return 2
+    except PeerLost as exc:
+        print(f'error: {exc}; finished units are saved{resume_hint(output)}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f'\ninterrupted: finished units are saved{resume_hint(output)}', file=sys.stderr)
         return 130
-    print(summary_line(record, output))
-    if 'export' in record:
-        print(export_line(record['export']))
+    finally:
+        shutdown()
+    if d.main:
+        print(summary_line(record, output))
+        if 'export' in record:
+            print(export_line(record['export']))
     return 0
 
 
+def join_process_group(device: str, timeout_s: float):
+    """A data-parallel run under torchrun (or any launcher): join the group; the launcher's SIGTERM (sent when
+    another process failed) ends this one as an interruption, with the resume command."""
+    import torch
+    from mrecg.distributed import init_from_env
+    d = init_from_env(torch.device(device), timeout_s)
+    if d.enabled:
+        signal.signal(signal.SIGTERM, _interrupt)
+    return d
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def resume_hint(output) -> str:
-    """Where finished units wait (an interrupted or failed run), the command that continues them."""
+    """Where finished units wait (an interrupted or failed run), the command that continues them (with the
+    same number of processes as the launcher started)."""
     if output and os.path.isfile(os.path.join(output, 'checkpoint.pt')):
-        return f'; continue with: python ptq_main.py --resume {output}'
+        world = os.environ.get('WORLD_SIZE', '1')
+        launcher = f'torchrun --nproc_per_node={world}' if world not in ('', '1') else 'python'
+        return f'; continue with: {launcher} ptq_main.py --resume {output}'
     return ''
 
 

@@ -338,6 +338,7 @@ class ProcessConfig(Section):
     device: Literal['auto', 'cpu', 'cuda'] = key('auto')
     cache_dir: str = key('.cache/mrecg', doc='loss-metric probes and (opt-in) calibrated quantizers')
     cache_calibration: bool = key(False, doc='reuse calibrated quantizer ranges across runs')
+    dist_timeout_s: float = key(1800.0, positive, 'data-parallel runs: longest wait for another process')
 
 
 @dataclass

@@ -250,23 +250,26 @@ EvalData = Union[Dataset, DataLoader, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def eval_batches(data: EvalData, batch_size: int = 256, limit: Optional[int] = None, num_workers: int = 0,
-                 pin_memory: bool = False) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+                 pin_memory: bool = False, part: Tuple[int, int] = (0, 1)) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
     """Labelled batches: at most ``limit`` images of a Dataset or an (images, labels) pair; a DataLoader is
-    used as it is."""
+    used as it is. ``part = (rank, world)`` keeps every world-th image from ``rank`` on (every world-th batch
+    of a DataLoader, which each rank then still reads in full)."""
+    rank, world = part
     if isinstance(data, DataLoader):
-        return data
+        return data if world == 1 else (b for i, b in enumerate(data) if i % world == rank)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         data = TensorData(*data)
     if isinstance(data, TensorData):
         x, y = data.images, data.labels
         if y is None:
             raise UserError('evaluation data needs labels: pass (images, labels)')
-        return TensorBatches(x[:limit] if limit else x, y[:limit] if limit else y, batch_size)
+        x, y = (x[:limit], y[:limit]) if limit else (x, y)
+        return TensorBatches(x[rank::world], y[rank::world], batch_size)
     if not (hasattr(data, '__getitem__') and hasattr(data, '__len__')):
         raise UserError(f'evaluation data must be a Dataset, a DataLoader or (images, labels), '
                         f'got {type(data).__name__}')
-    if limit:
-        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
+    if limit or world > 1:
+        data = torch.utils.data.Subset(data, range(rank, min(limit or len(data), len(data)), world))
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
 
 

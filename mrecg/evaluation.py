@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from mrecg.distributed import Dist
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -17,10 +19,12 @@ class Accuracy:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             desc: str = 'eval', progress: bool = True) -> Accuracy:
+             desc: str = 'eval', progress: bool = True, dist: Dist = Dist()) -> Accuracy:
+    """Top-1/top-5 over ``batches``; in a data-parallel run each rank passes its share and the counts are
+    summed over ranks."""
     model.eval()
     correct1 = correct5 = total = bad = 0
-    for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
+    for x, y in tqdm(batches, desc=desc, leave=False, disable=not (progress and dist.main)):
         logits = model(x.to(device, non_blocking=True)).float()
         y = y.to(logits.device)
         if not torch.isfinite(logits).all():
@@ -30,6 +34,7 @@ def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tenso
         correct1 += hit[:, 0].sum().item()
         correct5 += hit.any(dim=1).sum().item()
         total += len(y)
+    correct1, correct5, total, bad = (int(v) for v in dist.sum([correct1, correct5, total, bad], device))
     if bad or total == 0:
         return Accuracy(None, None, total, bad)
     return Accuracy(100.0 * correct1 / total, 100.0 * correct5 / total, total)

@@ -14,7 +14,9 @@ For each group of adjacent base units, in network order:
 Both streams are cached tensors over the whole calibration set, propagated one group at a time: no pass
 ever re-runs the network from the input. A cached tensor is freed as soon as no later group reads it.
 Each group seeds its own generators from (seed, group index), so a run resumed at a group boundary
-reproduces an uninterrupted run exactly.
+reproduces an uninterrupted run exactly. In a data-parallel run (``mrecg.distributed``) the caches hold this
+rank's shard of the calibration images, each rank draws its share of every batch from its own streams (rank 0's
+are the single-process run's), gradients are averaged over ranks and losses reduced.
 """
 import logging
 import math
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mrecg.config import ReconstructionConfig
+from mrecg.distributed import Dist
 from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, keep_mask
 from mrecg.quantization import harden_adaround, init_adaround, is_act_quantizer, is_adaround_layer
 from mrecg.units import Group, UnitPartition, liveness
@@ -99,9 +102,10 @@ class Reconstructor:
 
     def __init__(self, qmodel: fx.GraphModule, fp_model: fx.GraphModule, partition: UnitPartition,
                  groups: List[Group], settings: ReconstructionConfig, device: torch.device, seed: int,
-                 progress: bool = True, loss_fn: Callable = lp_loss, chunk_size: int = 256):
+                 progress: bool = True, loss_fn: Callable = lp_loss, chunk_size: int = 256, dist: Dist = Dist()):
         self.qmodel, self.fp_model, self.partition, self.groups = qmodel, fp_model, partition, groups
-        self.settings, self.device, self.seed, self.progress = settings, device, seed, progress
+        self.settings, self.device, self.seed, self.progress = settings, device, seed, progress and dist.main
+        self.dist = dist
         self.iterations = settings.iterations if settings.enabled else 0
         self.loss_fn, self.chunk_size = loss_fn, chunk_size
         self.cache_device = torch.device('cpu') if settings.cache_device == 'cpu' else device
@@ -179,6 +183,8 @@ class Reconstructor:
                 if node not in inner:
                     self._write(self.q_cache, node.name, start, out, total)
         self._pass(graph, inputs, self.q_cache, sink)
+        *reduced, total = self.dist.sum([*sums.values(), total], self.device)
+        sums = dict(zip(sums, reduced))
         for u in range(group.first, group.last + 1):
             self.unit_losses[u] = sum(sums[n] / total for n in self.partition.outputs_of(u, u))
 
@@ -231,7 +237,7 @@ class Reconstructor:
             window += self._step(t, step).detach()
             window_count += 1
             if window_count == self.LOG_EVERY or step + 1 == self.iterations:
-                value = (window / window_count).item()
+                value = self.dist.sum([(window / window_count).item()], self.device)[0] / self.dist.world
                 window.zero_()
                 window_count = 0
                 if not self._keep_window(t, value, step, result):
@@ -251,8 +257,9 @@ class Reconstructor:
         for layer in weight_layers:
             init_adaround(layer)
         torch.manual_seed(group_seed(self.seed, gi, 0))
-        gen = torch.Generator().manual_seed(group_seed(self.seed, gi, 1))  # batches (CPU)
-        mask_gen = torch.Generator(device=self.device).manual_seed(group_seed(self.seed, gi, 2))  # QDrop masks
+        own = 3 * self.dist.rank  # each rank its own streams; rank 0's are the single-process run's
+        gen = torch.Generator().manual_seed(group_seed(self.seed, gi, 1 + own))  # batches (CPU)
+        mask_gen = torch.Generator(device=self.device).manual_seed(group_seed(self.seed, gi, 2 + own))  # QDrop
         graph, fast_layers, act_quants, learned_quants = self.train_graph(group, outputs, mask_gen)
         alphas = [layer.weight_fake_quant.alpha for layer in weight_layers]
         scales = [q.scale for q in learned_quants] if s.scale_lr > 0 else []
@@ -262,11 +269,11 @@ class Reconstructor:
         for q in act_quants:
             q.prob = s.prob
         params = alphas + scales
-        n = len(self.q_cache[inputs[0]])
+        n = len(self.q_cache[inputs[0]])  # this rank's shard
         mixed = [s.prob < 1.0 and self.q_cache[name] is not self.fp_cache[name] for name in inputs]
         return Training(graph, weight_layers, fast_layers, act_quants, params, [p.detach().clone() for p in params],
                         optimiser, schedule, gen, mask_gen, inputs, [o.name for o in outputs], mixed, n,
-                        min(s.batch_size, n))
+                        min(s.batch_size, n * self.dist.world) // self.dist.world)
 
     def _batch(self, t: 'Training', idx: torch.Tensor) -> List[torch.Tensor]:
         """The group's inputs for one step; with QDrop each element comes from the quantized stream with
@@ -292,6 +299,7 @@ class Reconstructor:
         rec = self._rec_loss(t.graph(*xs), t.targets, idx)
         t.optimiser.zero_grad(set_to_none=True)
         rec.backward()
+        self.dist.average_gradients(t.params)
         t.optimiser.step()
         t.schedule.step()
         return rec

@@ -19,6 +19,7 @@ from mrecg.api import QuantizationResult, RunState, quantize
 from mrecg.caching import data_config_id
 from mrecg.config import Config, dump_config, resolve_path
 from mrecg.data import check_data, check_items, dataset
+from mrecg.distributed import current
 from mrecg.errors import UserError
 from mrecg.evaluation import Accuracy
 from mrecg.planning import GroupingInfo, prepare, validate_grouping
@@ -82,9 +83,10 @@ def open_data(cfg: Config) -> Tuple[Any, Optional[Any]]:
 
 
 # ---- output folder and run state -------------------------------------------------------------------------
-def prepare_output_dir(path: str, resume: bool, overwrite: bool) -> None:
+def prepare_output_dir(path: str, resume: bool, overwrite: bool, write: bool = True) -> None:
     """Never silently overwrite: a finished run needs --overwrite; an unfinished one --resume or --overwrite.
-    The folder must be writable (checked now, not after hours of work)."""
+    The folder must be writable (checked now, not after hours of work). ``write=False`` (ranks > 0 of a
+    data-parallel run) only checks."""
     finished = os.path.isfile(os.path.join(path, RESULTS))
     unfinished = os.path.isfile(os.path.join(path, STATE))
     if resume:
@@ -98,6 +100,8 @@ def prepare_output_dir(path: str, resume: bool, overwrite: bool) -> None:
     elif unfinished and not overwrite:
         raise UserError(f'{path} holds an unfinished run; continue it with --resume {path} or start over with '
                         '--overwrite')
+    if not write:
+        return
     check_writable(path)
     if overwrite and not resume:
         for name in (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX):
@@ -127,7 +131,8 @@ def save_state(output: str, state: RunState) -> None:
         'format': STATE_FORMAT, 'config': file_digest(os.path.join(output, CONFIG)),
         'fp_accuracy': asdict(state.fp_accuracy) if state.fp_accuracy else None,
         'grouping': asdict(state.grouping), 'results': [asdict(r) for r in state.results],
-        'hardened': state.hardened, 'qmodel': state.qmodel_state, 'elapsed': state.elapsed})
+        'hardened': state.hardened, 'qmodel': state.qmodel_state, 'elapsed': state.elapsed,
+        'world_size': state.world_size})
 
 
 def load_state(output: str) -> Optional[RunState]:
@@ -147,7 +152,8 @@ def load_state(output: str) -> Optional[RunState]:
                         'start over with --overwrite')
     fp = raw['fp_accuracy']
     return RunState(Accuracy(**fp) if fp else None, GroupingInfo(**raw['grouping']),
-                    [GroupResult(**r) for r in raw['results']], raw['hardened'], raw['qmodel'], raw['elapsed'])
+                    [GroupResult(**r) for r in raw['results']], raw['hardened'], raw['qmodel'], raw['elapsed'],
+                    raw.get('world_size', 1))
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -162,9 +168,11 @@ def check_run(cfg: Config) -> Tuple[nn.Module, Any, Optional[Any]]:
 def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, resume: bool = False,
         progress: bool = True, export: bool = False) -> Dict[str, Any]:
     """Quantize into ``output`` (checked by ``prepare_output_dir``); returns the results record. With
-    ``export`` the result is also written as ONNX and checked in onnxruntime (``export_folder``)."""
+    ``export`` the result is also written as ONNX and checked in onnxruntime (``export_folder``). In a
+    data-parallel run every rank calls this and rank 0 alone writes."""
+    main = current().main
     config_path = os.path.join(output, CONFIG)
-    if not resume or not os.path.isfile(config_path):
+    if main and (not resume or not os.path.isfile(config_path)):
         write_text(config_path, dump_config(cfg))
     state = load_state(output) if resume else None
     if state:
@@ -172,12 +180,21 @@ def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, res
     log.info('model %s %s, checkpoint %s, device %s', cfg.model.type, cfg.model.kwargs, cfg.model.path, device)
     result = quantize(model, train, cfg, val, device=device, progress=progress, cache_dir=cfg.process.cache_dir,
                       data_id=data_config_id(cfg), resume=state, on_unit_done=lambda s: save_state(output, s))
-    save_torch(os.path.join(output, QMODEL), result.model.state_dict())
     record = results_record(cfg, result)
-    write_outputs(output, cfg, result, record)
-    if export:
-        export_folder(output, cfg, result.model, train, val, record)
+    record['peak_rss_mb_per_rank'] = current().gather(round(peak_rss_bytes() / 2 ** 20, 1))
+    if main:
+        save_torch(os.path.join(output, QMODEL), result.model.state_dict())
+        write_outputs(output, cfg, result, record)
+        if export:
+            export_folder(output, cfg, result.model, train, val, record)
     return record
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports kB, macOS bytes)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == 'Darwin' else peak * 1024
 
 
 def export_folder(output: str, cfg: Config, qmodel: nn.Module, train, val, record: Dict[str, Any]):
@@ -242,6 +259,8 @@ def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
         'versions': {'torch': torch.__version__, 'mqbench': getattr(mqbench, '__version__', 'mqbench-torch2'),
                      'python': platform.python_version()},
         'warnings': r.warnings, 'resumed': r.resumed, 'date': time.strftime('%Y-%m-%d %H:%M:%S'),
+        'world_size': r.world_size,
+        'peak_cache_bytes_per_rank': r.peak_cache_bytes_per_rank,
     }
     if g.plain_unit_losses:
         record['plain_loss_curve'] = oscillation_stats(r.unit_names, g.plain_unit_losses)

@@ -6,11 +6,17 @@ interrupted ones resumed. Then tabulate with scripts/collect_results.py.
     python scripts/sweep.py --configs configs/fashion/mbv2_2_4.yaml --methods mrecg+qdrop --grouping modcap loss \\
         --k 2 3 4 --seeds 1 2 3 --out outputs/k_sweep
     python scripts/sweep.py --configs configs/digits/mbv2_2_4.yaml --bits 4_4 2_4 3_3 2_2 --methods qdrop --out o
+    python scripts/sweep.py ... --ray                  # every run a Ray task on a local Ray instance
+    python scripts/sweep.py ... --ray ray://head:10001  # ... on an existing cluster (shared filesystem)
 
 Methods: nearest, adaround (layer-wise), brecq, qdrop, mrecg+brecq, mrecg+qdrop (grouping from --grouping:
 config = as the config says, authors = the published scheme, modcap or loss with each --k), and
 mqbench-brecq, mqbench-qdrop (MQBench's own ptq_reconstruction, scripts/run_mqbench.py).
 Folder: <out>/<config name>[_w<W>a<A>]/<method>[_<grouping>[_k<k>]]/seed<seed>/
+
+With --ray each run is a Ray task running the same command: one GPU each where the cluster has GPUs, else
+--ray-cpus cores (the run's torch threads). The repository and --out must be at the same path on every node
+(a shared filesystem); a run that fails is reported at the end with its error line, the others go on.
 """
 import argparse
 import itertools
@@ -79,6 +85,61 @@ def command(cfg, method, out, sets, progress):
             *flags]
 
 
+class SweepStopped(Exception):
+    """The sweep cannot go on (the Ray cluster went away); the message is one line."""
+
+
+def run_command(cmd, threads=None):
+    """Run one sweep command; (exit code, stdout, stderr). ``threads`` caps torch's threads (Ray tasks)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def outcome_line(code, stdout, stderr):
+    """What a finished run printed last: its summary, or why it failed."""
+    if code == 0:
+        return (stdout.strip().splitlines() or ['done'])[-1]
+    reason = (stderr or stdout or '').strip().splitlines()
+    return f'failed (exit {code}): {reason[-1] if reason else "no output"}'
+
+
+def run_serial(jobs, progress):
+    """Run the jobs one after another in this process's order; yields (tag, code, stdout, stderr)."""
+    for tag, cmd in jobs:
+        print(f'{tag}: running', flush=True)
+        if progress:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            yield tag, proc.returncode, proc.stdout, ''
+        else:
+            yield (tag, *run_command(cmd))
+
+
+def run_ray(jobs, address, cpus):
+    """Run the jobs as Ray tasks (a local instance when ``address`` is 'local'); yields results as they end."""
+    import ray
+    ray.init(address=None if address == 'local' else address, include_dashboard=False, log_to_driver=False)
+    try:
+        gpus = 1 if ray.cluster_resources().get('GPU', 0) >= 1 else 0
+        task = ray.remote(run_command).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+        pending = {task.remote(cmd, cpus): tag for tag, cmd in jobs}
+        print(f'ray: {len(pending)} runs as tasks ({"1 GPU" if gpus else f"{cpus} CPU"} each) on '
+              f'{ray.cluster_resources().get("CPU", 0):.0f} CPUs, {ray.cluster_resources().get("GPU", 0):.0f} GPUs',
+              flush=True)
+        while pending:
+            try:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+            except Exception as exc:  # the cluster itself went away: finished runs stay, rerun to continue
+                raise SweepStopped(f'ray: {(str(exc).strip().splitlines() or [type(exc).__name__])[-1]}') from None
+            tag = pending.pop(ready[0])
+            try:
+                yield (tag, *ray.get(ready[0]))
+            except ray.exceptions.RayError as exc:  # the task itself died (node lost, out of memory)
+                yield tag, -1, '', (str(exc).strip().splitlines() or ['ray task failed'])[-1]
+    finally:
+        ray.shutdown()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--configs', nargs='+', required=True)
@@ -90,44 +151,56 @@ def main(argv=None) -> int:
     p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='extra overrides for every run')
     p.add_argument('--out', required=True)
     p.add_argument('--dry-run', action='store_true', help='list the runs and their commands')
-    p.add_argument('--progress', action='store_true', help='show progress bars of each run')
+    p.add_argument('--progress', action='store_true', help='show progress bars of each run (serial only)')
+    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
+                   help='run every run as a Ray task: on a local Ray instance, or on the cluster at ADDRESS')
+    p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
     args = p.parse_args(argv)
     for b in args.bits or []:
         if len(b) != 3 or b[1] != '_' or not (b[0] + b[2]).isdigit():
             p.error(f'--bits takes pairs like 2_4, got {b}')
     runs = plan_runs(args)
-    done = skipped = failed = 0
-    t0 = time.time()
+    jobs, skipped = [], 0
     for i, (cfg, method, out, sets) in enumerate(runs, 1):
         tag = f'[{i}/{len(runs)}] {out}'
         if os.path.isfile(os.path.join(out, 'results.json')):
             print(f'{tag}: finished, skipped', flush=True)
             skipped += 1
-            continue
-        cmd = command(cfg, method, out, sets, args.progress)
-        if args.dry_run:
-            print(f'{tag}: ' + ' '.join(cmd))
-            continue
-        print(f'{tag}: running', flush=True)
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=None if args.progress else subprocess.PIPE, text=True)
-        except KeyboardInterrupt:
-            print('\ninterrupted: rerun the same command to continue the sweep (finished runs are skipped)',
-                  file=sys.stderr)
-            return 130
-        if proc.returncode == 0:
-            done += 1
-            print('   ' + proc.stdout.strip().splitlines()[-1], flush=True)
+        elif args.dry_run:
+            print(f'{tag}: ' + ' '.join(command(cfg, method, out, sets, args.progress)))
         else:
-            failed += 1
-            reason = (proc.stderr or proc.stdout or '').strip().splitlines()
-            print(f'   failed (exit {proc.returncode}): {reason[-1] if reason else "no output"}', flush=True)
-            if proc.returncode == 130:
+            jobs.append((tag, command(cfg, method, out, sets, args.progress and not args.ray)))
+    if args.dry_run:
+        return 0
+    ray = args.ray and jobs  # nothing left to run: no Ray instance to start
+    return report(run_ray(jobs, args.ray, args.ray_cpus) if ray else run_serial(jobs, args.progress), skipped)
+
+
+def report(results, skipped):
+    """Print each run's outcome as it ends, then the failures with their error lines."""
+    done, failures, t0 = 0, [], time.time()
+    try:
+        for tag, code, stdout, stderr in results:
+            line = f'{tag}: {outcome_line(code, stdout, stderr)}'
+            print(line, flush=True)
+            if code == 0:
+                done += 1
+            else:
+                failures.append(line)
+            if code == 130:
                 print('interrupted: rerun the same command to continue the sweep', file=sys.stderr)
                 return 130
-    print(f'{done} run, {skipped} already finished, {failed} failed in {time.time() - t0:.0f} s')
-    return 1 if failed else 0
+    except KeyboardInterrupt:
+        print('\ninterrupted: rerun the same command to continue the sweep (finished runs are skipped)',
+              file=sys.stderr)
+        return 130
+    except SweepStopped as exc:
+        print(f'{exc}; rerun the same command to continue the sweep (finished runs are skipped)', file=sys.stderr)
+        return 1
+    print(f'{done} run, {skipped} already finished, {len(failures)} failed in {time.time() - t0:.0f} s')
+    for line in failures:
+        print(line)
+    return 1 if failures else 0
 
 
 if __name__ == '__main__':

@@ -252,8 +252,8 @@ def test_nan_accuracy_is_never_written(write_config, tmp_path, capsys, monkeypat
     from mrecg.evaluation import Accuracy
     real = api.evaluate
 
-    def quantized_eval_goes_nan(model, batches, device, desc='eval', progress=True):
-        return Accuracy(None, None, 200, 4) if 'quantized' in desc else real(model, batches, device, desc, progress)
+    def quantized_eval_goes_nan(model, batches, device, desc='eval', *args):
+        return Accuracy(None, None, 200, 4) if 'quantized' in desc else real(model, batches, device, desc, *args)
     monkeypatch.setattr(api, 'evaluate', quantized_eval_goes_nan)
     out = tmp_path / 'nan'
     assert cli(['--config', write_config(), '--output', str(out), '--no-progress'], capsys)[0] == 0

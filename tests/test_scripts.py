@@ -122,3 +122,27 @@ def test_reconstruction_benchmark_runs_both_engines():
     assert sum(line.startswith(('mqbench  2 seeds:', 'ours     2 seeds:')) for line in run.stdout.splitlines()) == 2
     caches = [line for line in run.stdout.splitlines() if 'cached activations after each unit' in line]
     assert len(caches) == 2 and len(caches[0].split('exact): ')[1].split(';')[0].split()) == 9  # one figure per unit
+
+
+def test_ray_sweep_matches_serial_and_reports_failures(tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('_base_: ' + os.path.join(ROOT, 'configs', 'digits', 'mbv2_2_4.yaml') + '\n'
+                   'model: {path: models/checkpoints/missing.pth}\n')
+    args = ['--configs', 'configs/digits/mbv2_2_4.yaml', '--methods', 'qdrop', '--seeds', '1', '2', '--set',
+            'quantize.reconstruction.iterations=20', 'quantize.cali_size=64', 'data.eval_limit=100',
+            'data.batch_size=64']
+    serial = _script('sweep.py', *args, '--out', str(tmp_path / 'serial'))
+    assert serial.returncode == 0, serial.stdout + serial.stderr
+    ray = _script('sweep.py', *args[:2], str(bad), *args[2:], '--out', str(tmp_path / 'ray'), '--ray')
+    assert ray.returncode == 1, ray.stdout + ray.stderr
+    assert '2 run, 0 already finished, 2 failed' in ray.stdout, ray.stdout + ray.stderr[-3000:]
+    failed = ray.stdout.split(' failed in ')[1]
+    assert 'bad/qdrop/seed' in failed and 'failed (exit 2): error: checkpoint file not found' in failed
+    for seed in (1, 2):
+        one, two = (json.load(open(tmp_path / kind / 'digits_mbv2_2_4' / 'qdrop' / f'seed{seed}' / 'results.json'))
+                    for kind in ('serial', 'ray'))
+        assert two['quant_top1'] == one['quant_top1']
+        # each task runs 1 torch thread, the serial run 2: CPU reductions split by thread may differ in the last bits
+        assert [u['loss'] for u in two['units']] == pytest.approx([u['loss'] for u in one['units']], rel=1e-4)
+    again = _script('sweep.py', *args, '--out', str(tmp_path / 'ray'), '--ray')
+    assert again.returncode == 0 and '0 run, 2 already finished' in again.stdout and 'ray:' not in again.stdout
