@@ -9,7 +9,18 @@ reconstruction and then evaluated:
     python scripts/bench_reconstruction.py --config configs/bench/fashion_resnet18_2_4.yaml --iters 100
     python scripts/bench_reconstruction.py --config ... --device cuda
 
-Printed per engine: wall time, iterations per second, peak memory above the start of that engine's run
+Synthetic mode, the paper's shapes without ImageNet (timing and memory only, never accuracy): random
+224x224 images and randomly initialised models, each engine over every unit for a few iterations at each
+per-step batch, after an untimed warm-up:
+
+    python scripts/bench_reconstruction.py --synthetic resnet18 resnet50 mobilenet_v2 regnetx_600m --batch 32 256
+
+Printed per model, batch and engine: ms per iteration per unit (the step alone: the difference between runs
+of 1 + --iters and 1 iterations per unit), the passes, peak memory, achieved TFLOP/s and its share of
+the device's measured fp32 matmul rate, and the projected wall time of the paper's run (20 000 iterations per
+unit and the passes over 4096 images); then our speedup over MQBench per step and per projected run.
+
+Printed per engine (config mode): wall time, iterations per second, peak memory above the start of that engine's run
 (resident memory on CPU, allocated memory on CUDA), achieved GFLOP/s of the unit forward+backward
 (FLOPs counted with torch's FlopCounterMode on one step of every unit, times the iterations), memory after
 each unit, and top-1. The last line is ``speedup <ours / MQBench speed> top1_delta <ours - MQBench>``.
@@ -239,9 +250,115 @@ def bench_seed(args, seed, warm: bool):
     return rows, device
 
 
+# ---- synthetic mode ------------------------------------------------------------------------------------
+PAPER_ITERATIONS, PAPER_IMAGES = 20000, 4096
+
+
+def matmul_tflops(device: torch.device, n: int = 2048, repeat: int = 10) -> float:
+    """The device's fp32 matmul rate, measured: the reference for "share of peak"."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t) / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def synthetic_config(name: str, batch: int, images: int, iterations: int):
+    from mrecg.config import Config
+    return Config.from_dict({
+        'model': {'type': name}, 'data': {'type': 'imagenet', 'batch_size': min(batch, 64)},
+        'quantize': {'w_qconfig': {'bit': 2}, 'a_qconfig': {'bit': 4}, 'cali_size': images,
+                     'reconstruction': {'iterations': iterations, 'batch_size': batch, 'prob': 0.5}},
+        'mrecg': {'metric': 'none', 'k': 0}, 'process': {'seed': 0}})
+
+
+def timed_engine(engine, calibrated, fp, cfg, units, images, device, mem):
+    """(wall seconds, units, peak MB, FLOPs of one step over every unit) of one engine's run."""
+    q = copy.deepcopy(calibrated)
+    if engine == 'ours':
+        wall, n_units, _, flops = ours(q, fp, cfg, units, images, device, mem)
+    else:
+        wall, n_units, _, flops, _ = mqbench(q, fp, cfg, units, images, device, mem)
+    return wall, n_units, mem.peak(), flops / max(cfg.quantize.reconstruction.iterations, 1)
+
+
+def synthetic_rows(name: str, batch: int, args, device: torch.device, peak_tflops: float):
+    """Both engines on one model and batch: an untimed warm-up, then 1 and 1 + ``--iters`` iterations per unit;
+    the difference is the step, the rest of the 1-iteration run the cache passes."""
+    from mrecg.zoo import create_model
+    n_images = max(batch, args.images)
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    size = args.input_size
+    images = torch.randn(n_images, channels, size, size, generator=torch.Generator().manual_seed(0))
+    prepared = prepare(model, synthetic_config(name, batch, n_images, args.iters))
+    calibrated, units = prepared.qmodel.to(device), prepared.units
+    calibrate(calibrated, images, min(batch, 64), device)
+    fp = copy.deepcopy(calibrated)
+    disable_all(fp)
+    mem, rows = Memory(device), {}
+    for engine in args.engines:
+        def run(iterations):
+            return timed_engine(engine, calibrated, fp, synthetic_config(name, batch, n_images, iterations), units,
+                                images, device, mem)
+        run(1)  # warm-up: oneDNN / cuDNN pick and compile kernels for every new shape
+        one, *_ = run(1)
+        wall, n_units, peak, flops = run(1 + args.iters)
+        step = max(wall - one, 1e-9) / args.iters  # one iteration of every unit
+        passes = max(one - step, 0.0)
+        rows[engine] = dict(units=n_units, ms_unit=1e3 * step / n_units, step_s=step, passes=passes, peak=peak,
+                            tflops=flops / step / 1e12, projected_h=(PAPER_ITERATIONS * step
+                                                                     + passes * PAPER_IMAGES / n_images) / 3600)
+        rows[engine]['share'] = rows[engine]['tflops'] / peak_tflops
+        print(f'  {name} batch {batch} {engine}: {wall:.1f} s ({passes:.1f} s passes)', flush=True)
+    return rows
+
+
+def synthetic(args) -> int:
+    device = resolve_device(args.device)
+    peak = matmul_tflops(device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    print(f'synthetic {args.input_size}x{args.input_size}, {name}, torch {torch.__version__}; fp32 matmul {peak:.3f} TFLOP/s measured; '
+          f'{args.iters} timed iterations per unit after 1 untimed, {args.images} images (at least one batch)',
+          flush=True)
+    table = []
+    for model in args.synthetic:
+        for batch in args.batch:
+            table += [(model, batch, engine, r) for engine, r in synthetic_rows(model, batch, args, device, peak).items()]
+    print(f'\n{"model":13s} {"batch":>5s} {"engine":8s} {"units":>5s} {"ms/it/unit":>10s} {"passes s":>8s} '
+          f'{"peak MB":>8s} {"TFLOP/s":>8s} {"of peak":>7s} {"paper run h":>11s}')
+    for model, batch, engine, r in table:
+        print(f'{model:13s} {batch:5d} {engine:8s} {r["units"]:5d} {r["ms_unit"]:10.1f} {r["passes"]:8.1f} '
+              f'{r["peak"]:8.0f} {r["tflops"]:8.3f} {100 * r["share"]:6.1f}% {r["projected_h"]:11.1f}')
+    rows = {(m, b, e): r for m, b, e, r in table}
+    for model in args.synthetic:
+        for batch in args.batch:
+            o, q = rows.get((model, batch, 'ours')), rows.get((model, batch, 'mqbench'))
+            if o and q:
+                print(f'{model} batch {batch}: speedup per step {q["step_s"] / o["step_s"]:.2f}, '
+                      f'per projected paper run {q["projected_h"] / o["projected_h"]:.2f}')
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', required=True)
+    parser.add_argument('--config', help='a config to bench on its data (or --synthetic)')
+    parser.add_argument('--synthetic', nargs='+', metavar='MODEL',
+                        help='registry models at 224x224 on random images, randomly initialised (timing only)')
+    parser.add_argument('--batch', nargs='+', type=int, default=[32, 256], help='synthetic: images per step')
+    parser.add_argument('--input-size', type=int, default=224, help='synthetic: image side')
+    parser.add_argument('--images', type=int, default=0,
+                        help='synthetic: cached calibration images (default: one batch)')
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE')
     parser.add_argument('--iters', type=int, default=200, help='iterations per unit (both engines)')
     parser.add_argument('--prob', type=float, default=0.5, help='0.5 = QDrop, 1.0 = BRECQ')
@@ -253,6 +370,10 @@ def main():
                         help='untimed iterations per unit of every engine before timing (0: none; see warm_up)')
     parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'])
     args = parser.parse_args()
+    if bool(args.config) == bool(args.synthetic):
+        parser.error('give --config or --synthetic')
+    if args.synthetic:
+        return synthetic(args)
     per_seed = []
     for i, seed in enumerate(args.seeds or [None]):
         try:

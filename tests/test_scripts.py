@@ -146,3 +146,15 @@ def test_ray_sweep_matches_serial_and_reports_failures(tmp_path):
         assert [u['loss'] for u in two['units']] == pytest.approx([u['loss'] for u in one['units']], rel=1e-4)
     again = _script('sweep.py', *args, '--out', str(tmp_path / 'ray'), '--ray')
     assert again.returncode == 0 and '0 run, 2 already finished' in again.stdout and 'ray:' not in again.stdout
+
+
+def test_bench_synthetic_mode_times_both_engines_on_random_images():
+    run = _script('bench_reconstruction.py', '--synthetic', 'resnet_small', '--batch', '4', '--iters', '1',
+                  '--input-size', '28')
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith('resnet_small ') and 'speedup' not in line]
+    assert [r[2] for r in rows] == ['mqbench', 'ours']
+    for r in rows:
+        units, ms_per_unit, tflops, hours = int(r[3]), float(r[4]), float(r[7]), float(r[9])
+        assert units == 8 and ms_per_unit > 0 and tflops > 0 and hours > 0
+    assert 'resnet_small batch 4: speedup per step' in run.stdout
