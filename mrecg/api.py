@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from mrecg.caching import RunCache, images_id
 from mrecg.config import Config, as_config
-from mrecg.distributed import Dist, check_divisible, current
 from mrecg.data import CalibData, EvalData, calibration_images, eval_batches, reading
+from mrecg.distributed import Dist, check_divisible, current
 from mrecg.errors import UserError
 from mrecg.evaluation import Accuracy, evaluate
 from mrecg.planning import GroupingInfo, Prepared, choose_groups, prepare, validate_grouping
