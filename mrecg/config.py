@@ -278,6 +278,8 @@ class ReconstructionConfig(Section):
     prob: float = key(0.5, drop_prob)
     cache_device: Literal['auto', 'cpu', 'device'] = key('auto')
     cache_dtype: Literal['float32', 'float16', 'bfloat16'] = key('float32')
+    autocast: Literal['none', 'bfloat16'] = key('none', doc="the step's convolutions in bfloat16 (quantizers, loss, "
+                                                            'optimiser stay float32)')
 
 
 @dataclass

@@ -128,6 +128,7 @@ class FastActQuant(nn.Module):
         if not self.enabled:
             return x
         q = self.q
+        x = x.float()  # under bfloat16 autocast the convolutions' outputs: quantized in float32
         keep = keep_mask(x, q.prob, self.generator) if q.prob < 1.0 else None
         return _QDropQuantize.apply(x, q.scale, self.zero_point, self.qmin, self.qmax, keep)
 

@@ -296,7 +296,9 @@ class Reconstructor:
             beta = round_beta(step + 1, self.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
             for f in t.fast_layers:
                 f.reg_weight, f.beta = s.weight, beta
-        rec = self._rec_loss(t.graph(*xs), t.targets, idx)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=s.autocast == 'bfloat16'):
+            outs = t.graph(*xs)
+        rec = self._rec_loss(outs, t.targets, idx)
         t.optimiser.zero_grad(set_to_none=True)
         rec.backward()
         self.dist.average_gradients(t.params)
@@ -339,7 +341,7 @@ class Reconstructor:
 
     def _rec_loss(self, outs: Sequence[torch.Tensor], targets: List[str], idx: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of the group's outputs against the cached float targets."""
-        return sum(self.loss_fn(o, self._fetch(self.fp_cache[t], idx)) for o, t in zip(outs, targets))
+        return sum(self.loss_fn(o.float(), self._fetch(self.fp_cache[t], idx)) for o, t in zip(outs, targets))
 
     @staticmethod
     @torch.no_grad()

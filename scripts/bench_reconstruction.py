@@ -272,13 +272,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def synthetic_config(name: str, batch: int, images: int, iterations: int):
-    from mrecg.config import Config
-    return Config.from_dict({
+def synthetic_config(name: str, batch: int, images: int, iterations: int, overrides=()):
+    from mrecg.config import Config, apply_overrides
+    return Config.from_dict(apply_overrides({
         'model': {'type': name}, 'data': {'type': 'imagenet', 'batch_size': min(batch, 64)},
         'quantize': {'w_qconfig': {'bit': 2}, 'a_qconfig': {'bit': 4}, 'cali_size': images,
                      'reconstruction': {'iterations': iterations, 'batch_size': batch, 'prob': 0.5}},
-        'mrecg': {'metric': 'none', 'k': 0}, 'process': {'seed': 0}})
+        'mrecg': {'metric': 'none', 'k': 0}, 'process': {'seed': 0}}, overrides))
 
 
 def timed_engine(engine, calibrated, fp, cfg, units, images, device, mem):
@@ -301,7 +301,7 @@ def synthetic_rows(name: str, batch: int, args, device: torch.device, peak_tflop
     channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
     size = args.input_size
     images = torch.randn(n_images, channels, size, size, generator=torch.Generator().manual_seed(0))
-    prepared = prepare(model, synthetic_config(name, batch, n_images, args.iters))
+    prepared = prepare(model, synthetic_config(name, batch, n_images, args.iters, args.set))
     calibrated, units = prepared.qmodel.to(device), prepared.units
     calibrate(calibrated, images, min(batch, 64), device)
     fp = copy.deepcopy(calibrated)
@@ -309,8 +309,8 @@ def synthetic_rows(name: str, batch: int, args, device: torch.device, peak_tflop
     mem, rows = Memory(device), {}
     for engine in args.engines:
         def run(iterations):
-            return timed_engine(engine, calibrated, fp, synthetic_config(name, batch, n_images, iterations), units,
-                                images, device, mem)
+            cfg = synthetic_config(name, batch, n_images, iterations, args.set)
+            return timed_engine(engine, calibrated, fp, cfg, units, images, device, mem)
         run(1)  # warm-up: oneDNN / cuDNN pick and compile kernels for every new shape
         one, *_ = run(1)
         wall, n_units, peak, flops = run(1 + args.iters)

@@ -125,6 +125,22 @@ def test_half_precision_cache_stays_close(calibrated):
     assert half.peak_cache_bytes < 0.6 * full.peak_cache_bytes
 
 
+def test_bfloat16_autocast_step_is_active_and_stays_close(calibrated):
+    full, _, images = make(calibrated, iterations=20)
+    full.run(images)
+    seen = []
+
+    def loss_dtype(pred, target):
+        seen.append(pred.dtype)
+        return lp_loss(pred, target)
+    bf16, _, _ = make(calibrated, iterations=20, autocast='bfloat16', loss_fn=loss_dtype)
+    bf16.run(images)
+    assert seen and set(seen) == {torch.float32}  # the loss is taken in float32
+    assert bf16.unit_losses != full.unit_losses  # the convolutions really ran in bfloat16
+    for a, b in zip(full.unit_losses, bf16.unit_losses):
+        assert abs(a - b) <= 0.15 * a + 1e-6
+
+
 def test_round_beta_schedule():
     assert round_beta(0, 100, 0.2, (20, 2)) == 20
     assert round_beta(20, 100, 0.2, (20, 2)) == 20
