@@ -272,12 +272,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def synthetic_config(name: str, batch: int, images: int, iterations: int, overrides=()):
+def synthetic_config(name: str, batch: int, images: int, iterations: int, prob: float, overrides=()):
     from mrecg.config import Config, apply_overrides
     return Config.from_dict(apply_overrides({
         'model': {'type': name}, 'data': {'type': 'imagenet', 'batch_size': min(batch, 64)},
         'quantize': {'w_qconfig': {'bit': 2}, 'a_qconfig': {'bit': 4}, 'cali_size': images,
-                     'reconstruction': {'iterations': iterations, 'batch_size': batch, 'prob': 0.5}},
+                     'reconstruction': {'iterations': iterations, 'batch_size': batch, 'prob': prob}},
         'mrecg': {'metric': 'none', 'k': 0}, 'process': {'seed': 0}}, overrides))
 
 
@@ -301,7 +301,7 @@ def synthetic_rows(name: str, batch: int, args, device: torch.device, peak_tflop
     channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
     size = args.input_size
     images = torch.randn(n_images, channels, size, size, generator=torch.Generator().manual_seed(0))
-    prepared = prepare(model, synthetic_config(name, batch, n_images, args.iters, args.set))
+    prepared = prepare(model, synthetic_config(name, batch, n_images, args.iters, args.prob, args.set))
     calibrated, units = prepared.qmodel.to(device), prepared.units
     calibrate(calibrated, images, min(batch, 64), device)
     fp = copy.deepcopy(calibrated)
@@ -309,7 +309,7 @@ def synthetic_rows(name: str, batch: int, args, device: torch.device, peak_tflop
     mem, rows = Memory(device), {}
     for engine in args.engines:
         def run(iterations):
-            cfg = synthetic_config(name, batch, n_images, iterations, args.set)
+            cfg = synthetic_config(name, batch, n_images, iterations, args.prob, args.set)
             return timed_engine(engine, calibrated, fp, cfg, units, images, device, mem)
         run(1)  # warm-up: oneDNN / cuDNN pick and compile kernels for every new shape
         one, *_ = run(1)
@@ -350,7 +350,7 @@ def synthetic(args) -> int:
     return 0
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', help='a config to bench on its data (or --synthetic)')
     parser.add_argument('--synthetic', nargs='+', metavar='MODEL',
@@ -372,8 +372,17 @@ def main():
     args = parser.parse_args()
     if bool(args.config) == bool(args.synthetic):
         parser.error('give --config or --synthetic')
+    return args
+
+
+def main():
+    args = parse_args()
     if args.synthetic:
-        return synthetic(args)
+        try:
+            return synthetic(args)
+        except UserError as exc:
+            print(f'error: {exc}', file=sys.stderr)
+            return 2
     per_seed = []
     for i, seed in enumerate(args.seeds or [None]):
         try:
