@@ -50,3 +50,14 @@ def build_model(name: str, **kwargs) -> nn.Module:
     if error:
         raise ValueError(error)
     return model_entry(name).builder(**kwargs)
+
+
+def init_conv_bn(model: nn.Module) -> None:
+    """The ResNet paper's initialisation (torchvision's too): He-normal convs (fan-out, ReLU), BN at identity;
+    shared by the ResNet and RegNet builders."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -10,7 +10,7 @@ from typing import List, Tuple
 import numpy as np
 import torch.nn as nn
 
-from mrecg.zoo.registry import register_model
+from mrecg.zoo.registry import init_conv_bn, register_model
 
 REGNETX_600M = dict(w_a=36.97, w_0=48, w_m=2.24, depth=16, group_w=24)
 
@@ -103,12 +103,7 @@ class RegNet(nn.Module):
             self.stage_depths.append(d)
             prev = w
         self.head = Head(prev, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x):
         x = self.stem(x)

@@ -9,7 +9,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from mrecg.zoo.registry import register_model
+from mrecg.zoo.registry import init_conv_bn, register_model
 
 
 class BasicBlock(nn.Module):
@@ -78,12 +78,7 @@ class ResNet(nn.Module):
             self.stage_names.append(name)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
