@@ -89,11 +89,13 @@ class SweepStopped(Exception):
     """The sweep cannot go on (the Ray cluster went away); the message is one line."""
 
 
-def run_command(cmd, threads=None):
-    """Run one sweep command; (exit code, stdout, stderr). ``threads`` caps torch's threads (Ray tasks)."""
+def run_command(cmd, threads=None, progress=False):
+    """Run one sweep command; (exit code, stdout, stderr). ``threads`` caps torch's threads (Ray tasks);
+    with ``progress`` its stderr (the progress bars) goes to the terminal and '' is returned for it."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return proc.returncode, proc.stdout, proc.stderr
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                          text=True, env=env)
+    return proc.returncode, proc.stdout, proc.stderr or ''
 
 
 def outcome_line(code, stdout, stderr):
@@ -108,11 +110,7 @@ def run_serial(jobs, progress):
     """Run the jobs one after another in this process's order; yields (tag, code, stdout, stderr)."""
     for tag, cmd in jobs:
         print(f'{tag}: running', flush=True)
-        if progress:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            yield tag, proc.returncode, proc.stdout, ''
-        else:
-            yield (tag, *run_command(cmd))
+        yield (tag, *run_command(cmd, progress=progress))
 
 
 def run_ray(jobs, address, cpus):
