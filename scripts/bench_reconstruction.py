@@ -121,9 +121,8 @@ def our_reconstructor(qmodel, fp, cfg, units, device) -> Reconstructor:
                          progress=False, chunk_size=cfg.data.batch_size)
 
 
-def ours(qmodel, fp, cfg, units, images, device, mem):
+def ours(qmodel, fp, cfg, units, images, device, mem, count_flops=True):
     recon = our_reconstructor(qmodel, fp, cfg, units, device)
-    groups = recon.groups
     per_unit = []
     mem.reset()
     t = time.perf_counter()
@@ -138,7 +137,12 @@ def ours(qmodel, fp, cfg, units, images, device, mem):
     if device.type == 'cuda':
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    # FLOPs of one step per unit, on a fresh prepared copy so the timed run is untouched
+    flops = our_step_flops(fp, cfg, units, recon.groups, images, device) if count_flops else 0
+    return wall, len(recon.groups), per_unit, flops * cfg.quantize.reconstruction.iterations
+
+
+def our_step_flops(fp, cfg, units, groups, images, device) -> int:
+    """FLOPs of one step of every unit, on a fresh prepared copy so the timed run is untouched."""
     flops = 0
     probe = copy.deepcopy(fp)
     enable_quantization(probe)
@@ -158,19 +162,20 @@ def ours(qmodel, fp, cfg, units, images, device, mem):
         flops += step_flops(graph, [x])
         with torch.no_grad():
             x = part.build_graph(probe, g.first, g.last, outputs)(x)[0]
-    return wall, len(groups), per_unit, flops * rec.iterations
+    return flops
 
 
-def mqbench(qmodel, fp, cfg, units, images, device, mem):
+def mqbench(qmodel, fp, cfg, units, images, device, mem, count_flops=True):
     import mqbench.advanced_ptq as adv
     per_unit, flops, counting_time = [], [0], [0.0]
     original = adv.subgraph_reconstruction
 
     def counting(subgraph, cached_inps, cached_oups, config):
         t0 = time.perf_counter()
-        args = cached_inps[0] if config.prob < 1.0 else cached_inps  # (quantized, float) streams with QDrop
-        inputs = [batches[0] for batches in args]
-        flops[0] += step_flops(subgraph, inputs) * config.max_count
+        if count_flops:
+            args = cached_inps[0] if config.prob < 1.0 else cached_inps  # (quantized, float) streams with QDrop
+            inputs = [batches[0] for batches in args]
+            flops[0] += step_flops(subgraph, inputs) * config.max_count
         counting_time[0] += time.perf_counter() - t0  # not MQBench's work: taken out of its wall time
         return original(subgraph, cached_inps, cached_oups, config)
 
@@ -281,13 +286,13 @@ def synthetic_config(name: str, batch: int, images: int, iterations: int, prob: 
         'mrecg': {'metric': 'none', 'k': 0}, 'process': {'seed': 0}}, overrides))
 
 
-def timed_engine(engine, calibrated, fp, cfg, units, images, device, mem):
-    """(wall seconds, units, peak MB, FLOPs of one step over every unit) of one engine's run."""
+def timed_engine(engine, calibrated, fp, cfg, units, images, device, mem, count_flops=False):
+    """(wall seconds, units, peak MB, FLOPs of one step over every unit or 0) of one engine's run."""
     q = copy.deepcopy(calibrated)
     if engine == 'ours':
-        wall, n_units, _, flops = ours(q, fp, cfg, units, images, device, mem)
+        wall, n_units, _, flops = ours(q, fp, cfg, units, images, device, mem, count_flops)
     else:
-        wall, n_units, _, flops, _ = mqbench(q, fp, cfg, units, images, device, mem)
+        wall, n_units, _, flops, _ = mqbench(q, fp, cfg, units, images, device, mem, count_flops)
     return wall, n_units, mem.peak(), flops / max(cfg.quantize.reconstruction.iterations, 1)
 
 
@@ -308,12 +313,12 @@ def synthetic_rows(name: str, batch: int, args, device: torch.device, peak_tflop
     disable_all(fp)
     mem, rows = Memory(device), {}
     for engine in args.engines:
-        def run(iterations):
+        def run(iterations, count_flops=False):
             cfg = synthetic_config(name, batch, n_images, iterations, args.prob, args.set)
-            return timed_engine(engine, calibrated, fp, cfg, units, images, device, mem)
+            return timed_engine(engine, calibrated, fp, cfg, units, images, device, mem, count_flops)
         run(1)  # warm-up: oneDNN / cuDNN pick and compile kernels for every new shape
         one, *_ = run(1)
-        wall, n_units, peak, flops = run(1 + args.iters)
+        wall, n_units, peak, flops = run(1 + args.iters, count_flops=True)
         step = max(wall - one, 1e-9) / args.iters  # one iteration of every unit
         passes = max(one - step, 0.0)
         rows[engine] = dict(units=n_units, ms_unit=1e3 * step / n_units, step_s=step, passes=passes, peak=peak,
