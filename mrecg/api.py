@@ -120,7 +120,7 @@ def _evaluate(model: nn.Module, eval_data: Optional[EvalData], run: '_Session', 
         return None
     d, device = run.cfg.data, run.device
     batches = eval_batches(eval_data, d.batch_size, d.eval_limit, d.num_workers, d.pin_memory and device.type == 'cuda',
-                           part=(run.dist.rank, run.dist.world))
+                           part=(run.dist.rank, run.dist.world), seed=d.split_seed)
     with reading('evaluation data'):
         return evaluate(model, batches, device, desc, run.progress, run.dist)
 
@@ -159,11 +159,12 @@ def _probe_losses(run: '_Session', prepared: Prepared, fp_model: fx.GraphModule,
         return cached
     iterations = cfg.mrecg.probe_iterations or cfg.quantize.reconstruction.iterations
     probe_model = copy.deepcopy(prepared.qmodel)
-    partition = UnitPartition.build(probe_model, prepared.units)
+    partition = UnitPartition.build(probe_model, prepared.units, prepared.partition.head_ops)
     settings = replace(cfg.quantize.reconstruction, iterations=iterations)
     log.info('loss metric: plain probe pass, %d iterations per unit', iterations)
     probe = Reconstructor(probe_model, fp_model, partition, groups_from_spans([], len(names)), settings, device,
-                          cfg.process.seed, progress, chunk_size=cfg.data.batch_size, dist=run.dist)
+                          cfg.process.seed, progress, chunk_size=cfg.data.batch_size, dist=run.dist,
+                          ste_bounds=cfg.quantize.a_qconfig.ste_bounds)
     probe.run(images)
     losses = list(probe.unit_losses)
     if cache and run.dist.main:
@@ -201,6 +202,8 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
     del images
     info = resume.grouping if resume else run.timed('grouping_seconds', lambda: choose_groups(
         cfg, prepared.partition, lambda: _probe_losses(run, prepared, fp_model, shard, cache)))
+    for note in info.notes:
+        log.warning('grouping: %s', note)
     recon, results = _reconstruct(run, prepared, fp_model, info, shard, fp_acc, on_unit_done)
     enable_quantization(prepared.qmodel)
     q_acc = run.timed('quant_eval_seconds', lambda: _evaluate(prepared.qmodel, eval_data, run, 'eval quantized'))
@@ -270,7 +273,9 @@ def _reconstruct(run: _Session, prepared: Prepared, fp_model: fx.GraphModule, in
     if not run.resume:
         report([])
     recon = Reconstructor(qmodel, fp_model, prepared.partition, groups, run.cfg.quantize.reconstruction, run.device,
-                          run.cfg.process.seed, run.progress, chunk_size=run.cfg.data.batch_size, dist=run.dist)
+                          run.cfg.process.seed, run.progress, chunk_size=run.cfg.data.batch_size, dist=run.dist,
+                          iterations_per_unit=run.cfg.mrecg.group_iterations == 'per_unit',
+                          ste_bounds=run.cfg.quantize.a_qconfig.ste_bounds)
     done = list(run.resume.results) if run.resume else []
     return recon, run.timed('reconstruction_seconds', lambda: recon.run(images, done, on_group_done=report))
 

@@ -55,14 +55,18 @@ def data_config_id(cfg: Config) -> str:
 def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, world: int = 1) -> str:
     """Hash of everything a cached ``kind`` ('calibration' or 'loss') result depends on."""
     q = cfg.quantize
+    act = asdict(q.a_qconfig)
+    ste_bounds = act.pop('ste_bounds')  # reconstruction only: calibration does not depend on it
     key: Dict[str, Any] = {
         'kind': kind, 'format': FORMAT[kind], 'model': label, 'kwargs': cfg.model.kwargs, 'weights': weights,
         'images': images, 'seed': cfg.process.seed, 'calib_batch': cfg.data.batch_size,
-        'quant': {'w': asdict(q.w_qconfig), 'a': asdict(q.a_qconfig), 'fold_bn': q.fold_bn,
+        'quant': {'w': asdict(q.w_qconfig), 'a': act, 'fold_bn': q.fold_bn,
                   'layer_bits': [asdict(r) for r in q.layer_bits]}}
     if kind == 'loss':
         key.update(units=cfg.model.units, recon=asdict(q.reconstruction),
                    probe_iterations=cfg.mrecg.probe_iterations)
+        if ste_bounds != 'strict':
+            key['ste_bounds'] = ste_bounds
         if world > 1:  # a data-parallel probe draws other batches: its losses are not the single run's
             key['world_size'] = world
     return digest(key)[:24]

@@ -217,7 +217,8 @@ class DataConfig(Section):
     std: List[float] = key(list(IMAGENET_STD), three_numbers, 'normalisation (imagenet, imagefolder)')
     cali_transform: Literal['train', 'val'] = key('train', doc='train = RandomResizedCrop + flip (seeded)')
     split_seed: int = key(0)
-    eval_limit: Optional[int] = key(None, positive, 'evaluate on at most this many images')
+    eval_limit: Optional[int] = key(None, positive, 'evaluate on at most this many images (a sample across the '
+                                                    'classes, seeded by split_seed)')
     evaluate: bool = key(True, doc='false: no accuracy (no labelled data needed)')
 
     def check_section(self):
@@ -249,6 +250,9 @@ class ActQuantConfig(WeightQuantConfig):
     quantizer: Literal['QDropFakeQuantize'] = key('QDropFakeQuantize')
     observer: Observer = key('EMAMSEObserver')
     per_channel: bool = key(False)
+    ste_bounds: Literal['strict', 'inclusive'] = key('strict', doc="reconstruction's straight-through mask: strict "
+                                                                   '(torch 2 clamp) or inclusive of qmin/qmax '
+                                                                   '(torch 1, the published numbers)')
 
 
 @dataclass
@@ -278,6 +282,9 @@ class ReconstructionConfig(Section):
     prob: float = key(0.5, drop_prob)
     cache_device: Literal['auto', 'cpu', 'device'] = key('auto')
     cache_dtype: Literal['float32', 'float16', 'bfloat16'] = key('float32')
+    head_ops: Literal['classifier', 'last_block'] = key('classifier', doc='pooling, flatten and the classifier\'s '
+                                                        'input quantizer open the classifier unit, or end the last '
+                                                        'block (MQBench)')
     autocast: Literal['none', 'bfloat16'] = key('none', doc="the step's convolutions in bfloat16 (quantizers, loss, "
                                                             'optimiser stay float32)')
 
@@ -307,12 +314,19 @@ class QuantizeConfig(Section):
 @dataclass
 class MrecgConfig(Section):
     metric: Literal['none', 'modcap', 'loss'] = key('none')
-    k: int = key(0, non_negative, 'number of adjacent pairs to merge')
+    k: Union[int, Literal['auto']] = key(0, lambda v: None if v == 'auto' or v >= 0 else 'must be >= 0 or auto',
+                                         'number of adjacent pairs to merge; auto = one per fall of the metric')
     lam: Optional[float] = key(None, non_negative)
     max_group_size: Optional[int] = key(None, lambda v: None if v >= 2 else 'must be >= 2')
     scheme: Union[List[List[str]], str, None] = key(None, doc="groups of module names, or 'authors'")
     stride_penalty: float = key(0.5, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]')
     probe_iterations: Optional[int] = key(None, positive)
+    difference: Literal['squared', 'relative', 'log'] = key('squared', doc='pair score: (a-b)^2 (paper), relative '
+                                                                         'to max(a, b), or of ln a - ln b')
+    pairs: Literal['all', 'falls'] = key('all', doc='falls: merge only pairs where the metric falls (a > b)')
+    exclude_classifier: bool = key(False, doc='never merge the last unit (the classifier\'s)')
+    group_iterations: Literal['one_unit', 'per_unit'] = key('one_unit', doc='a merged group of n units gets the '
+                                                                            'iterations of one unit, or of n')
 
     def check_section(self):
         if isinstance(self.scheme, str) and self.scheme != 'authors':
@@ -323,6 +337,8 @@ class MrecgConfig(Section):
             raise ConfigError(f'{non_empty_groups(self.scheme)}, got {self.scheme!r}', 'scheme')
         if self.scheme and (self.metric != 'none' or self.k):
             raise ConfigError('gives the groups explicitly: set mrecg.metric to none and mrecg.k to 0', 'scheme')
+        if self.k == 'auto' and self.lam is not None:
+            raise ConfigError('is auto, which sets the count itself: drop mrecg.lam (or give k a number)', 'k')
         if self.metric != 'none' and self.k == 0:
             raise ConfigError(f'is {self.metric} but mrecg.k is 0: set k >= 1 or mrecg.metric: none '
                               'for plain reconstruction', 'metric')

@@ -249,11 +249,23 @@ def _seed_worker(worker_id: int) -> None:
 EvalData = Union[Dataset, DataLoader, Tuple[torch.Tensor, torch.Tensor]]
 
 
+def eval_sample(n: int, limit: Optional[int], seed: int = 0) -> torch.Tensor:
+    """Indices of at most ``limit`` of ``n`` images: a seeded uniform sample (``data.split_seed``), so a
+    class-sorted folder gives every class in proportion, not the first classes only; ascending order. The
+    same for every form the data comes in (labels are not read: that would decode every image). No limit,
+    or one >= n: every image."""
+    if not limit or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
 def eval_batches(data: EvalData, batch_size: int = 256, limit: Optional[int] = None, num_workers: int = 0,
-                 pin_memory: bool = False, part: Tuple[int, int] = (0, 1)) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
-    """Labelled batches: at most ``limit`` images of a Dataset or an (images, labels) pair; a DataLoader is
-    used as it is. ``part = (rank, world)`` keeps every world-th image from ``rank`` on (every world-th batch
-    of a DataLoader, which each rank then still reads in full)."""
+                 pin_memory: bool = False, part: Tuple[int, int] = (0, 1),
+                 seed: int = 0) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    """Labelled batches: a Dataset or an (images, labels) pair, limited to ``limit`` images drawn by
+    ``eval_sample`` (seeded, uniform); a DataLoader is used as it is. ``part = (rank, world)`` keeps
+    every world-th image from ``rank`` on (every world-th batch of a DataLoader, which each rank then still
+    reads in full)."""
     rank, world = part
     if isinstance(data, DataLoader):
         return data if world == 1 else (b for i, b in enumerate(data) if i % world == rank)
@@ -263,13 +275,16 @@ def eval_batches(data: EvalData, batch_size: int = 256, limit: Optional[int] = N
         x, y = data.images, data.labels
         if y is None:
             raise UserError('evaluation data needs labels: pass (images, labels)')
-        x, y = (x[:limit], y[:limit]) if limit else (x, y)
+        if limit and limit < len(x):
+            idx = eval_sample(len(x), limit, seed)
+            x, y = x[idx], y[idx]
         return TensorBatches(x[rank::world], y[rank::world], batch_size)
     if not (hasattr(data, '__getitem__') and hasattr(data, '__len__')):
         raise UserError(f'evaluation data must be a Dataset, a DataLoader or (images, labels), '
                         f'got {type(data).__name__}')
     if limit or world > 1:
-        data = torch.utils.data.Subset(data, range(rank, min(limit or len(data), len(data)), world))
+        idx = eval_sample(len(data), limit, seed)
+        data = torch.utils.data.Subset(data, idx[rank::world].tolist())
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
 
 

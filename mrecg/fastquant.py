@@ -75,11 +75,13 @@ class _QDropQuantize(torch.autograd.Function):
     d out / d s = keep ? (inside ? (xq - x) / s : xq / s) : 0      (the straight-through estimate, as MQBench)
     "inside" is strict, qmin < round(x / s) + zp < qmax: torch's clamp with scalar bounds, which MQBench's
     Python estimator goes through, passes no gradient at the bounds themselves. With integer-valued r,
-    clamp((r - qmin) * (qmax - r), 0, 1) is exactly that indicator, in float arithmetic.
+    clamp((r - qmin) * (qmax - r), 0, 1) is exactly that indicator, in float arithmetic. ``inclusive``:
+    qmin <= r <= qmax (torch 1.x's clamp gradient, which the published numbers were trained with), the
+    same indicator with the bounds widened by one level.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point: float, qmin: float, qmax: float, keep):
+    def forward(ctx, x, scale, zero_point: float, qmin: float, qmax: float, keep, inclusive: bool = False):
         level = torch.div(x, scale).round_()
         if zero_point:
             level.add_(zero_point)
@@ -90,7 +92,8 @@ class _QDropQuantize(torch.autograd.Function):
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = ds = None
         if need_x or need_s:
-            inside = (level - qmin).mul_(level.neg_().add_(qmax)).clamp_(0, 1)
+            lo, hi = (qmin - 1, qmax + 1) if inclusive else (qmin, qmax)
+            inside = (level - lo).mul_(level.neg_().add_(hi)).clamp_(0, 1)
             if need_x:  # keep ? inside : 1  ==  1 - keep + keep * inside
                 dx = inside if keep is None else torch.addcmul(1 - keep, keep, inside)
             if need_s:  # keep * (xq - inside * x), divided by s in the backward
@@ -107,15 +110,18 @@ class _QDropQuantize(torch.autograd.Function):
         grad_s = None
         if ctx.needs_input_grad[1]:
             grad_s = (torch.dot(grad.reshape(-1), ds.reshape(-1)) / scale.reshape(())).reshape(scale.shape)
-        return grad_x, grad_s, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None
 
 
 class FastActQuant(nn.Module):
     """MQBench's QDropFakeQuantize (per-tensor, learnable step) as ``_QDropQuantize`` with cheap drop masks.
     The quantizer's switches and zero point are read once: they do not change while a unit is optimised."""
 
-    def __init__(self, quantizer: nn.Module, generator: Optional[torch.Generator]):
+    def __init__(self, quantizer: nn.Module, generator: Optional[torch.Generator], ste_bounds: str = 'strict'):
         super().__init__()
+        if ste_bounds not in ('strict', 'inclusive'):
+            raise ValueError(f"ste_bounds must be strict or inclusive, got {ste_bounds!r}")
+        self.inclusive = ste_bounds == 'inclusive'
         if quantizer.scale.numel() != 1:
             raise ValueError('FastActQuant handles per-tensor activation quantizers only')
         self.q = quantizer
@@ -130,7 +136,7 @@ class FastActQuant(nn.Module):
         q = self.q
         x = x.float()  # under bfloat16 autocast the convolutions' outputs: quantized in float32
         keep = keep_mask(x, q.prob, self.generator) if q.prob < 1.0 else None
-        return _QDropQuantize.apply(x, q.scale, self.zero_point, self.qmin, self.qmax, keep)
+        return _QDropQuantize.apply(x, q.scale, self.zero_point, self.qmin, self.qmax, keep, self.inclusive)
 
 
 class AdaRoundWeight(torch.autograd.Function):

@@ -8,10 +8,18 @@ over d normalised to a maximum of 1, which lets the count drift from k when the 
 pairs that touch chain into larger groups. Ties break towards the earlier pair, so the result is
 deterministic.
 
+Options that make the computed grouping safer (measured in README, "Safe automatic grouping"); the defaults
+are the paper's rule. ``difference``: the pair score on the raw scale (the paper), relative to the larger of
+the two, or of the logarithms (scale-free: ModCap grows with width, losses with the logits' size).
+``eligible_pairs``: every pair, or only where the metric falls (CM_l > CM_{l+1}, the oscillation itself),
+optionally without the last unit (the classifier's, which the authors never merge). ``auto_k``: one merged
+pair per fall among the eligible pairs.
+
 Groups can also be given explicitly by module names (``mrecg.scheme``); the authors' published schemes
 ship as ``PUBLISHED_SCHEMES`` (``mrecg.scheme: authors``).
 """
 import ast
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from mrecg.units import BaseUnit, module_owner
@@ -36,8 +44,34 @@ AUTHORS_SCHEME_STRINGS = {
 Span = Tuple[int, int]
 
 
-def pair_scores(metric: Sequence[float]) -> List[float]:
-    return [(metric[i] - metric[i + 1]) ** 2 for i in range(len(metric) - 1)]
+DIFFERENCES = ('squared', 'relative', 'log')
+
+
+def pair_scores(metric: Sequence[float], difference: str = 'squared') -> List[float]:
+    """d_l for every adjacent pair: (a - b)^2 (the paper), ((a - b) / max(|a|, |b|))^2, or (ln a - ln b)^2."""
+    if difference not in DIFFERENCES:
+        raise ValueError(f'difference must be one of {", ".join(DIFFERENCES)}, got {difference!r}')
+    tiny = 1e-12
+    scores = []
+    for a, b in zip(metric[:-1], metric[1:]):
+        if difference == 'relative':
+            scores.append(((a - b) / max(abs(a), abs(b), tiny)) ** 2)
+        elif difference == 'log':
+            scores.append((math.log(max(a, tiny)) - math.log(max(b, tiny))) ** 2)
+        else:
+            scores.append((a - b) ** 2)
+    return scores
+
+
+def eligible_pairs(metric: Sequence[float], falls_only: bool = False, exclude_last: bool = False) -> List[bool]:
+    """Which pairs (l, l+1) may merge: all, or only falls of the metric; never the last pair if excluded."""
+    n = len(metric) - 1
+    return [(not falls_only or metric[i] > metric[i + 1]) and not (exclude_last and i == n - 1) for i in range(n)]
+
+
+def auto_k(metric: Sequence[float], eligible: Sequence[bool]) -> int:
+    """``k: auto``: one merged pair per fall of the metric curve among the eligible pairs."""
+    return sum(1 for i, ok in enumerate(eligible) if ok and metric[i] > metric[i + 1])
 
 
 def _better(score: float, chosen: Tuple[int, ...], best: Optional[Tuple[float, Tuple[int, ...]]]) -> bool:
@@ -45,11 +79,15 @@ def _better(score: float, chosen: Tuple[int, ...], best: Optional[Tuple[float, T
 
 
 def select_pairs(scores: Sequence[float], k: int, lam: Optional[float] = None,
-                 max_group_size: Optional[int] = None) -> List[int]:
-    """Indices l of the pairs (l, l+1) to merge. Exact: a DP over (pairs chosen, current run length)."""
+                 max_group_size: Optional[int] = None, eligible: Optional[Sequence[bool]] = None) -> List[int]:
+    """Indices l of the pairs (l, l+1) to merge, among the ``eligible`` ones (default: all).
+    Exact: a DP over (pairs chosen, current run length)."""
     n = len(scores)
+    eligible = [True] * n if eligible is None else list(eligible)
     if lam is None and k > n:
         raise ValueError(f'k = {k} but there are only {n} adjacent unit pairs')
+    if lam is None and k > sum(eligible):
+        raise ValueError(f'k = {k} but only {sum(eligible)} of the {n} adjacent unit pairs may merge')
     if lam is not None:
         top = max(scores, default=0.0)
         scores = [s / top for s in scores] if top > 0 else list(scores)
@@ -58,8 +96,10 @@ def select_pairs(scores: Sequence[float], k: int, lam: Optional[float] = None,
     for i, s in enumerate(scores):
         nxt: Dict[Tuple[int, int], Tuple[float, Tuple[int, ...]]] = {}
         for (count, run), (score, chosen) in states.items():
-            for key, cand in (((count, 0), (score, chosen)),
-                              ((count + 1, run + 1), (score + s, chosen + (i,)))):
+            moves = [((count, 0), (score, chosen))]
+            if eligible[i]:
+                moves.append(((count + 1, run + 1), (score + s, chosen + (i,))))
+            for key, cand in moves:
                 if key[1] <= max_run and _better(cand[0], cand[1], nxt.get(key)):
                     nxt[key] = cand
         states = nxt

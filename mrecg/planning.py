@@ -6,8 +6,8 @@ graph (the model's own ``unit_partition``, ``model.units``, or the generic rule 
 prints: data-free, no calibration needed.
 """
 import copy
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
@@ -49,7 +49,7 @@ def prepare(model: nn.Module, cfg: Config) -> Prepared:
             units = model_base_units(folded, cfg.model.units, modules_with_own_ops(qmodel) if generic else None)
             if generic:
                 units = join_forks(qmodel, called_only(qmodel, units))
-        partition = UnitPartition.build(qmodel, units)
+        partition = UnitPartition.build(qmodel, units, cfg.quantize.reconstruction.head_ops)
     except ValueError as exc:
         raise UserError(f'model.units: {exc}') from None
     return Prepared(folded, qmodel, partition, n_folded, generic)
@@ -67,6 +67,8 @@ class GroupingInfo:
     groups: List[List[str]] = field(default_factory=list)
     metric_values: Optional[List[float]] = None
     plain_unit_losses: Optional[List[float]] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
 
 
 def scheme_spans(cfg: Config, units: List[BaseUnit]) -> List[Span]:
@@ -82,19 +84,34 @@ def scheme_spans(cfg: Config, units: List[BaseUnit]) -> List[Span]:
         raise UserError(str(exc)) from None
 
 
-def solve_spans(cfg: Config, metric: Sequence[float]) -> List[Span]:
+def solve_spans(cfg: Config, metric: Sequence[float], info: Optional[GroupingInfo] = None) -> List[Span]:
+    """The paper's top-k solver under the configured score, eligible pairs and k (``auto``: one per fall).
+    When only falls may merge and the curve has fewer than k, every fall merges (noted in ``info``)."""
     m = cfg.mrecg
+    eligible = grouping.eligible_pairs(metric, m.pairs == 'falls', m.exclude_classifier)
+    k = grouping.auto_k(metric, eligible) if m.k == 'auto' else m.k
+    if m.pairs == 'falls' and m.lam is None and k > sum(eligible):
+        if info is not None:
+            info.notes.append(f'mrecg.k is {k} but the metric falls at only {sum(eligible)} eligible pairs: '
+                              f'merged those')
+        k = sum(eligible)
     try:
-        pairs = grouping.select_pairs(grouping.pair_scores(metric), m.k, m.lam, m.max_group_size)
+        pairs = grouping.select_pairs(grouping.pair_scores(metric, m.difference), k, m.lam, m.max_group_size,
+                                      eligible)
     except ValueError as exc:
         raise UserError(f'mrecg: {exc}') from None
     return grouping.spans_from_pairs(pairs)
 
 
 def check_k(cfg: Config, num_units: int) -> None:
-    if cfg.mrecg.metric != 'none' and cfg.mrecg.k > num_units - 1:
-        raise UserError(f'mrecg.k is {cfg.mrecg.k} but {cfg.model.type or "the model"} has {num_units} units, '
-                        f'so at most {num_units - 1} adjacent pairs can merge')
+    m = cfg.mrecg
+    if m.metric == 'none' or m.k == 'auto':
+        return
+    pairs = num_units - 1 - (1 if m.exclude_classifier else 0)
+    if m.k > pairs:
+        why = ' (the classifier\'s pair excluded)' if m.exclude_classifier else ''
+        raise UserError(f'mrecg.k is {m.k} but {cfg.model.type or "the model"} has {num_units} units, '
+                        f'so at most {pairs} adjacent pairs can merge{why}')
 
 
 def validate_grouping(cfg: Config, prepared: Prepared) -> None:
@@ -102,15 +119,18 @@ def validate_grouping(cfg: Config, prepared: Prepared) -> None:
     n = len(prepared.units)
     if cfg.mrecg.scheme:
         scheme_spans(cfg, prepared.units)
-    elif cfg.mrecg.metric != 'none':
+    elif cfg.mrecg.metric != 'none' and cfg.mrecg.k != 'auto':
         check_k(cfg, n)
-        solve_spans(cfg, [float(i) for i in range(n)])  # feasibility of k under max_group_size
+        feasible = replace(cfg.mrecg, pairs='all')  # whether the metric falls is known only later
+        solve_spans(replace(cfg, mrecg=feasible), [float(n - i) for i in range(n)])  # k under max_group_size
 
 
 def choose_groups(cfg: Config, partition: UnitPartition, loss_metric: Callable[[], List[float]]) -> GroupingInfo:
     """Decide the groups; ``loss_metric()`` supplies the loss metric lazily (it may run the probe)."""
     m, units = cfg.mrecg, partition.units
-    info = GroupingInfo(m.metric, m.k, m.lam, m.max_group_size)
+    info = GroupingInfo(m.metric, m.k, m.lam, m.max_group_size,
+                        options={k: getattr(m, k) for k in ('k', 'difference', 'pairs', 'exclude_classifier',
+                                                            'group_iterations')})
     spans: List[Span] = []
     if m.scheme:
         spans = scheme_spans(cfg, units)
@@ -119,11 +139,13 @@ def choose_groups(cfg: Config, partition: UnitPartition, loss_metric: Callable[[
     elif m.metric == 'modcap':
         check_k(cfg, len(units))
         info.metric_values = capacity.modcap(partition, m.stride_penalty)
-        spans, info.source = solve_spans(cfg, info.metric_values), 'modcap solver'
+        spans, info.source = solve_spans(cfg, info.metric_values, info), 'modcap solver'
     elif m.metric == 'loss':
         check_k(cfg, len(units))
         info.metric_values = info.plain_unit_losses = loss_metric()
-        spans, info.source = solve_spans(cfg, info.metric_values), 'loss solver'
+        spans, info.source = solve_spans(cfg, info.metric_values, info), 'loss solver'
+    if m.k == 'auto' or info.notes:  # the count the metric decided
+        info.k = grouping.merged_pairs(spans)
     info.spans = [list(s) for s in spans]
     info.groups = [[u.name for u in units[a:b + 1]] for a, b in spans]
     return info
@@ -171,14 +193,15 @@ def render_plan(p: Plan) -> str:
     names = [u.name for u in units]
     spans = [tuple(s) for s in info.spans]
     in_group = {i: gi for gi, (a, b) in enumerate(spans) for i in range(a, b + 1)}
-    scores = grouping.pair_scores(info.metric_values or p.modcap)
+    scores = grouping.pair_scores(info.metric_values or p.modcap, cfg.mrecg.difference)
     kwargs = f' {cfg.model.kwargs}' if cfg.model.kwargs else ''
     rule = ' (graph rule: a unit ends only where one tensor flows on)' if p.generic_units else ''
     lines = [f'model {p.label}{kwargs}: {len(units)} base units{rule}, '
              f'W{cfg.quantize.w_qconfig.bit}A{cfg.quantize.a_qconfig.bit}, BN folded: {cfg.quantize.fold_bn}, '
              f'method {cfg.method}',
              f'grouping: {info.source}, k = {info.k}' + (f', lambda = {info.lam}' if info.lam else '')
-             + (f', max group size {info.max_group_size}' if info.max_group_size else ''),
+             + (f', max group size {info.max_group_size}' if info.max_group_size else '')
+             + (' (auto: one per fall)' if cfg.mrecg.k == 'auto' else '') + option_text(cfg),
              f'ModCap = sum(params x weight bits x {cfg.mrecg.stride_penalty} if stride > 1 else 1)', '',
              f'{"#":>3}  {"unit":<26} {"ModCap":>12} {"loss":>10} {"d(next)":>10}  group  modules']
     for i, u in enumerate(units):
@@ -189,6 +212,7 @@ def render_plan(p: Plan) -> str:
     groups = groups_from_spans(spans, len(units))
     lines += ['', f'reconstruction units ({len(units)} -> {len(groups)}): '
               + ' | '.join(g.name(units) if g.first == g.last else f'[{g.name(units)}]' for g in groups)]
+    lines += [f'note: {n}' for n in info.notes]
     lines += bit_lines(cfg, p.layer_bits)
     if cfg.model.type in grouping.PUBLISHED_SCHEMES and cfg.quantize.reconstruction.granularity == 'block':
         try:
@@ -197,6 +221,13 @@ def render_plan(p: Plan) -> str:
         except ValueError:
             pass
     return '\n'.join(lines)
+
+
+def option_text(cfg: Config) -> str:
+    """The grouping options that differ from the paper's rule, as ', key value' text."""
+    m, paper = cfg.mrecg, type(cfg.mrecg)()
+    keys = ('difference', 'pairs', 'exclude_classifier', 'group_iterations')
+    return ''.join(f', {k} {getattr(m, k)}' for k in keys if getattr(m, k) != getattr(paper, k))
 
 
 def bit_lines(cfg: Config, table: Dict[str, Tuple[int, Optional[int]]]) -> List[str]:

@@ -70,6 +70,7 @@ class Training:
     mixed: List[bool]
     n: int
     batch_size: int
+    iterations: int
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -102,11 +103,14 @@ class Reconstructor:
 
     def __init__(self, qmodel: fx.GraphModule, fp_model: fx.GraphModule, partition: UnitPartition,
                  groups: List[Group], settings: ReconstructionConfig, device: torch.device, seed: int,
-                 progress: bool = True, loss_fn: Callable = lp_loss, chunk_size: int = 256, dist: Dist = Dist()):
+                 progress: bool = True, loss_fn: Callable = lp_loss, chunk_size: int = 256, dist: Dist = Dist(),
+                 iterations_per_unit: bool = False, ste_bounds: str = 'strict'):
         self.qmodel, self.fp_model, self.partition, self.groups = qmodel, fp_model, partition, groups
         self.settings, self.device, self.seed, self.progress = settings, device, seed, progress and dist.main
         self.dist = dist
         self.iterations = settings.iterations if settings.enabled else 0
+        self.iterations_per_unit = iterations_per_unit
+        self.ste_bounds = ste_bounds
         self.loss_fn, self.chunk_size = loss_fn, chunk_size
         self.cache_device = torch.device('cpu') if settings.cache_device == 'cpu' else device
         self.cache_dtype = DTYPES[settings.cache_dtype]
@@ -216,7 +220,7 @@ class Reconstructor:
                 root[node.target] = FastAdaRoundLayer(m)
                 layers.append(root[node.target])
             elif is_act_quantizer(m):
-                root[node.target] = FastActQuant(m, generator)
+                root[node.target] = FastActQuant(m, generator, self.ste_bounds)
                 act_quants.append(m)
                 if not any(arg.op == 'placeholder' for arg in node.all_input_nodes):
                     learned.append(m)
@@ -231,12 +235,12 @@ class Reconstructor:
         if t is None:
             return
         window, window_count = torch.zeros((), device=self.device), 0
-        bar = tqdm(range(self.iterations), desc=f'[{gi + 1}/{len(self.groups)}] {result.name}', leave=False,
+        bar = tqdm(range(t.iterations), desc=f'[{gi + 1}/{len(self.groups)}] {result.name}', leave=False,
                    disable=not self.progress, mininterval=0.5)
         for step in bar:
             window += self._step(t, step).detach()
             window_count += 1
-            if window_count == self.LOG_EVERY or step + 1 == self.iterations:
+            if window_count == self.LOG_EVERY or step + 1 == t.iterations:
                 value = self.dist.sum([(window / window_count).item()], self.device)[0] / self.dist.world
                 window.zero_()
                 window_count = 0
@@ -265,7 +269,8 @@ class Reconstructor:
         scales = [q.scale for q in learned_quants] if s.scale_lr > 0 else []
         for p in scales:
             p.requires_grad_(True)
-        optimiser, schedule = self._optimiser(alphas, scales)
+        iterations = self.group_iterations(group)
+        optimiser, schedule = self._optimiser(alphas, scales, iterations)
         for q in act_quants:
             q.prob = s.prob
         params = alphas + scales
@@ -273,7 +278,7 @@ class Reconstructor:
         mixed = [s.prob < 1.0 and self.q_cache[name] is not self.fp_cache[name] for name in inputs]
         return Training(graph, weight_layers, fast_layers, act_quants, params, [p.detach().clone() for p in params],
                         optimiser, schedule, gen, mask_gen, inputs, [o.name for o in outputs], mixed, n,
-                        min(s.batch_size, n * self.dist.world) // self.dist.world)
+                        min(s.batch_size, n * self.dist.world) // self.dist.world, iterations)
 
     def _batch(self, t: 'Training', idx: torch.Tensor) -> List[torch.Tensor]:
         """The group's inputs for one step; with QDrop each element comes from the quantized stream with
@@ -292,8 +297,8 @@ class Reconstructor:
         s = self.settings
         idx = torch.randperm(t.n, generator=t.gen)[:t.batch_size].to(self.cache_device)
         xs = self._batch(t, idx)
-        if step + 1 >= s.warm_up * self.iterations:  # the rounding regulariser (gradient added in the layers)
-            beta = round_beta(step + 1, self.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
+        if step + 1 >= s.warm_up * t.iterations:  # the rounding regulariser (gradient added in the layers)
+            beta = round_beta(step + 1, t.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
             for f in t.fast_layers:
                 f.reg_weight, f.beta = s.weight, beta
         with torch.autocast(self.device.type, torch.bfloat16, enabled=s.autocast == 'bfloat16'):
@@ -328,14 +333,18 @@ class Reconstructor:
             q.prob = 1.0
             q.scale.requires_grad_(False)
 
-    def _optimiser(self, alphas: List[torch.Tensor], scales: List[torch.Tensor]):
+    def group_iterations(self, group: Group) -> int:
+        """Steps for a group: one unit's iterations (the paper), or one unit's per base unit it holds."""
+        return self.iterations * ((group.last - group.first + 1) if self.iterations_per_unit else 1)
+
+    def _optimiser(self, alphas: List[torch.Tensor], scales: List[torch.Tensor], iterations: int):
         """One Adam over both parameter groups (MQBench runs two): rounding variables at ``lr``, activation
         steps at ``scale_lr`` on a cosine schedule to zero over the unit's iterations. Fused (one kernel for
         all parameters) where torch has it: the unfused step costs ~0.4 ms of ~4 on a small CPU unit."""
         s = self.settings
         groups = [{'params': alphas, 'lr': s.lr}] + ([{'params': scales, 'lr': s.scale_lr}] if scales else [])
         optimiser = torch.optim.Adam(groups, fused=self.device.type in ('cpu', 'cuda'))
-        cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * step / self.iterations))  # noqa: E731
+        cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * step / iterations))  # noqa: E731
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, [lambda step: 1.0, cosine][:len(groups)])
         return optimiser, schedule
 

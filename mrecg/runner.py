@@ -203,7 +203,8 @@ def export_folder(output: str, cfg: Config, qmodel: nn.Module, train, val, recor
     applied, so a failing check loses nothing."""
     from mrecg.data import eval_batches, sample_input
     from mrecg.export import check_export, export_onnx
-    batches = eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit) if val is not None else None
+    d = cfg.data
+    batches = eval_batches(val, d.batch_size, d.eval_limit, seed=d.split_seed) if val is not None else None
     report = export_onnx(qmodel.cpu(), os.path.join(output, ONNX), sample_input(train), batches)
     record['export'] = report.to_dict()
     write_json(os.path.join(output, RESULTS), record)
@@ -244,7 +245,7 @@ def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
                   for u in r.units],
         'unit_losses': unit_loss_table(r.unit_names, r.unit_losses, extra),
         'grouping': {k: getattr(g, k) for k in ('metric', 'k', 'lam', 'max_group_size', 'source', 'groups', 'spans',
-                                                'metric_values')},
+                                                'metric_values', 'options', 'notes')},
         'loss_curve': oscillation_stats(r.unit_names, r.unit_losses),
         'layer_bits': {name: {'w_bit': w, 'a_bit': a} for name, (w, a) in r.layer_bits.items()},
         'settings': {

@@ -255,12 +255,33 @@ class UnitPartition:
     graph_module: fx.GraphModule
     units: List[BaseUnit]
     owner: Dict[fx.Node, int] = field(default_factory=dict)
+    head_ops: str = 'classifier'
 
     @classmethod
-    def build(cls, prepared: fx.GraphModule, units: List[BaseUnit]) -> 'UnitPartition':
-        part = cls(prepared, list(units))
+    def build(cls, prepared: fx.GraphModule, units: List[BaseUnit], head_ops: str = 'classifier') -> 'UnitPartition':
+        """``head_ops``: the weightless operations that open the last unit (pooling, flatten, the classifier's
+        input quantizer) stay in it (``classifier``), or end the unit before it (``last_block``, MQBench's
+        block extractor, which fits the last block on the pooled, quantized output)."""
+        if head_ops not in ('classifier', 'last_block'):
+            raise ValueError(f'head_ops must be classifier or last_block, got {head_ops!r}')
+        part = cls(prepared, list(units), head_ops=head_ops)
         part._assign()
+        if head_ops == 'last_block' and len(units) > 1:
+            part._move_leading_ops(len(units) - 1)
         return part
+
+    def _move_leading_ops(self, unit: int) -> None:
+        """Give the nodes before ``unit``'s first weight layer, fed only by the unit before, to that unit."""
+        modules = dict(self.graph_module.named_modules())
+        lead = []
+        for n in self.nodes_of(unit, unit):
+            if n.op == 'call_module' and isinstance(modules[n.target], WEIGHT_LAYERS):
+                for m in lead:
+                    self.owner[m] = unit - 1
+                return
+            if not _args(n) or any(self.owner.get(a) != unit - 1 and a not in lead for a in _args(n)):
+                return
+            lead.append(n)
 
     # ---- ownership -------------------------------------------------------------------------------
     def _assign(self) -> None:

@@ -242,7 +242,8 @@ def bench_seed(args, seed, warm: bool):
             wall, n_units, per_unit, flops, q = mqbench(q, fp, cfg, units, images, device, mem)
         peak = mem.peak()
         enable_quantization(q)
-        acc = evaluate(q, eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit), device, progress=False)
+        acc = evaluate(q, eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit,
+                                                    seed=cfg.data.split_seed), device, progress=False)
         rows[engine] = dict(wall=wall, units=n_units, its=n_units * rec.iterations / wall, peak=peak,
                             gflops=flops / wall / 1e9, top1=acc.top1, per_unit=per_unit)
         print(f'  {engine:8s} done: {wall:.1f} s', flush=True)

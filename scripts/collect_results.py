@@ -6,7 +6,8 @@
 
 Rows: Full Prec. first, then each method at each W/A (paper order 4/4, 2/4, 3/3, 2/2); columns: models.
 Cells: top-1 mean +- standard deviation over seeds (n = number of seeds); MRECG rows carry the difference
-of means to the plain method they build on (BRECQ or QDrop) in brackets. A second table gives the max
+of means to the plain method they build on (BRECQ or QDrop) in brackets, marked with a cross when it is
+below the plain method by more than the plain method's seed standard deviation. A second table gives the max
 per-unit reconstruction loss the same way. The CSV has one row per (model, W/A, method) with all figures.
 
 Loss curves (the paper's figure, ``--no-curves`` to skip): for each model and W/A, the per-base-unit
@@ -29,6 +30,9 @@ METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 
                 'mrecg+qdrop']
 PRETTY = {'nearest': 'Nearest', 'adaround': 'AdaRound', 'brecq': 'BRECQ', 'qdrop': 'QDrop',
           'mqbench-brecq': 'MQBench BRECQ', 'mqbench-qdrop': 'MQBench QDrop'}
+OPTION_LABELS = {('difference', 'log'): 'log', ('difference', 'relative'): 'relative', ('pairs', 'falls'): 'falls',
+                 ('exclude_classifier', True): 'no classifier', ('group_iterations', 'per_unit'): 'its per unit'}
+SETTING_LABELS = {('ste_bounds', 'inclusive'): 'inclusive STE', ('head_ops', 'last_block'): 'head in last block'}
 SOURCE = {'modcap solver': 'ModCap', 'loss solver': 'loss', 'published scheme': 'authors', 'explicit scheme': 'scheme'}
 
 
@@ -46,14 +50,25 @@ def model_label(r):
     return f'{r["model"]}{width} ({r["dataset"]})'
 
 
+def settings_label(r):
+    """Settings that change every method, when not the default: ' [inclusive STE, head in last block]'."""
+    s = r.get('settings', {})
+    marks = [SETTING_LABELS[(key, value)] for key, value in (
+        ('ste_bounds', s.get('a_qconfig', {}).get('ste_bounds', 'strict')),
+        ('head_ops', s.get('reconstruction', {}).get('head_ops', 'classifier'))) if (key, value) in SETTING_LABELS]
+    return f' [{", ".join(marks)}]' if marks else ''
+
+
 def method_label(r):
     method = r['method']
     if not method.startswith('mrecg+'):
-        return PRETTY.get(method, method)
+        return PRETTY.get(method, method) + settings_label(r)
     g = r['grouping']
+    opts = g.get('options') or {}
     kind = SOURCE.get(g['source'], g['source'])
-    k = '' if kind in ('authors', 'scheme') else f', k={g["k"]}'
-    return f'MRECG({kind}{k})+{PRETTY[method.split("+", 1)[1]]}'
+    k = '' if kind in ('authors', 'scheme') else f', k={opts.get("k", g["k"])}'
+    extra = ''.join(f', {OPTION_LABELS[(key, value)]}' for key, value in opts.items() if (key, value) in OPTION_LABELS)
+    return f'MRECG({kind}{k}{extra})+{PRETTY[method.split("+", 1)[1]]}' + settings_label(r)
 
 
 def method_rank(r):
@@ -110,12 +125,13 @@ def build_tables(cells, fp, rank):
                 mean, std, n = stats([r['quant_top1'] for r in runs])
                 cell = fmt(mean, std, n)
                 base = baseline_of(label)
-                delta = None
+                delta = base_std = None
                 if base and mean is not None:
-                    base_mean = stats([r['quant_top1'] for r in cells.get((model, bits, base), [])])[0]
+                    base_mean, base_std, _ = stats([r['quant_top1'] for r in cells.get((model, bits, base), [])])
                     if base_mean is not None:
                         delta = mean - base_mean
-                        cell += f' ({delta:+.2f})'
+                        worse = delta < -base_std  # below the plain method by more than its seed std
+                        cell += f' ({delta:+.2f}{" ✗" if worse else ""})'
                 top1_cells.append(cell)
                 lmean, lstd, ln = stats([r['loss_curve']['max_unit_loss'] for r in runs])
                 loss_cells.append(fmt(lmean, lstd, ln, 3))
@@ -123,6 +139,8 @@ def build_tables(cells, fp, rank):
                 if runs:
                     csv_rows.append({'model': model, 'w_bits': bits[0], 'a_bits': bits[1], 'method': label, 'n': n,
                                      'top1_mean': mean, 'top1_std': std, 'delta_vs_plain': delta,
+                                     'plain_top1_std': base_std,
+                                     'worse_than_plain': None if delta is None else delta < -base_std,
                                      'max_unit_loss_mean': lmean, 'max_unit_loss_std': lstd,
                                      'oscillation_mean': omean, 'fp_top1': stats(fp[model])[0]})
             row = f'| {label} | {bits[0]}/{bits[1]} | '

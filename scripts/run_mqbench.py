@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     progress, seed = not args.no_progress, cfg.process.seed
     images = calibration_images(train, cfg.quantize.cali_size, seed, cfg.data.batch_size, cfg.data.num_workers)
-    batches = lambda: eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit)  # noqa: E731
+    batches = lambda: eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit,  # noqa: E731
+                                   seed=cfg.data.split_seed)
     fp_acc = evaluate(model.to(device), batches(), device, 'eval float', progress)
     prepared = prepare(model.cpu(), cfg)
     qmodel = prepared.qmodel.to(device)
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     quantized = mqbench_reconstruct(qmodel, images, rec, seed, device)
     recon_seconds = time.perf_counter() - t
     # the loss of every base unit of the MQBench result, on our streams (no optimisation)
-    partition = UnitPartition.build(quantized, prepared.units)
+    partition = UnitPartition.build(quantized, prepared.units, prepared.partition.head_ops)
     probe = Reconstructor(quantized, fp, partition, groups_from_spans([], len(partition.units)),
                           dataclasses.replace(rec, enabled=False), device, seed, progress=False,
                           chunk_size=cfg.data.batch_size)

@@ -6,13 +6,16 @@ interrupted ones resumed. Then tabulate with scripts/collect_results.py.
     python scripts/sweep.py --configs configs/fashion/mbv2_2_4.yaml --methods mrecg+qdrop --grouping modcap loss \\
         --k 2 3 4 --seeds 1 2 3 --out outputs/k_sweep
     python scripts/sweep.py --configs configs/digits/mbv2_2_4.yaml --bits 4_4 2_4 3_3 2_2 --methods qdrop --out o
+    python scripts/sweep.py --configs configs/fashion/resnet_2_4.yaml --methods qdrop mrecg+qdrop \\
+        --variant safe mrecg.exclude_classifier=true mrecg.difference=log --out outputs/safe
     python scripts/sweep.py ... --ray                  # every run a Ray task on a local Ray instance
     python scripts/sweep.py ... --ray ray://head:10001  # ... on an existing cluster (shared filesystem)
 
 Methods: nearest, adaround (layer-wise), brecq, qdrop, mrecg+brecq, mrecg+qdrop (grouping from --grouping:
 config = as the config says, authors = the published scheme, modcap or loss with each --k), and
 mqbench-brecq, mqbench-qdrop (MQBench's own ptq_reconstruction, scripts/run_mqbench.py).
-Folder: <out>/<config name>[_w<W>a<A>]/<method>[_<grouping>[_k<k>]]/seed<seed>/
+--variant NAME KEY=VALUE... adds a named set of overrides as one more grouping.
+Folder: <out>/<config name>[_w<W>a<A>]/<method>[_<grouping>[_k<k>] | _<variant>]/seed<seed>/
 
 With --ray each run is a Ray task running the same command: one GPU each where the cluster has GPUs, else
 --ray-cpus cores (the run's torch threads). The repository and --out must be at the same path on every node
@@ -39,11 +42,12 @@ METHODS = {
 }
 
 
-def grouping_variants(method, groupings, ks):
-    """(folder suffix, overrides) for each grouping of an MRECG method; one plain variant otherwise."""
+def grouping_variants(method, groupings, ks, named=()):
+    """(folder suffix, overrides) for each grouping and each named --variant of an MRECG method; one plain
+    variant otherwise."""
     if not method.startswith('mrecg'):
         return [('', [])]
-    variants = []
+    variants = [(f'_{name}', list(sets)) for name, *sets in named]
     for g in groupings:
         if g == 'config':
             variants.append(('', []))
@@ -65,7 +69,7 @@ def plan_runs(args):
     bits = args.bits or [None]
     for cfg, b, method, seed in itertools.product(args.configs, bits, args.methods, args.seeds):
         name = config_name(cfg) + (f'_w{b[0]}a{b[2]}' if b else '')
-        for suffix, overrides in grouping_variants(method, args.grouping, args.k):
+        for suffix, overrides in grouping_variants(method, args.grouping, args.k, args.variant):
             sets = [*METHODS[method], *overrides, f'process.seed={seed}', *args.set]
             if b:
                 sets += [f'quantize.w_qconfig.bit={b[0]}', f'quantize.a_qconfig.bit={b[2]}']
@@ -115,7 +119,11 @@ def run_serial(jobs, progress):
 
 def run_ray(jobs, address, cpus):
     """Run the jobs as Ray tasks (a local instance when ``address`` is 'local'); yields results as they end."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise SweepStopped('ray: not installed in this environment (pip install "ray>=2.9", or run without '
+                           '--ray)') from None
     ray.init(address=None if address == 'local' else address, include_dashboard=False, log_to_driver=False)
     try:
         gpus = 1 if ray.cluster_resources().get('GPU', 0) >= 1 else 0
@@ -142,7 +150,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--configs', nargs='+', required=True)
     p.add_argument('--methods', nargs='+', default=['qdrop', 'mrecg+qdrop'], choices=list(METHODS))
-    p.add_argument('--grouping', nargs='+', default=['config'], choices=['config', 'authors', 'modcap', 'loss'])
+    p.add_argument('--grouping', nargs='+', choices=['config', 'authors', 'modcap', 'loss'],
+                   help='groupings of the MRECG methods (default: config, or none when --variant is given)')
+    p.add_argument('--variant', nargs='+', action='append', default=[], metavar=('NAME', 'KEY=VALUE'),
+                   help='a named set of overrides for the MRECG methods (folder <method>_<NAME>); repeatable')
     p.add_argument('--k', nargs='+', type=int, default=[3])
     p.add_argument('--seeds', nargs='+', type=int, default=[1005])
     p.add_argument('--bits', nargs='+', help='W_A pairs such as 4_4 2_4 (default: each config\'s own)')
@@ -154,6 +165,11 @@ def main(argv=None) -> int:
                    help='run every run as a Ray task: on a local Ray instance, or on the cluster at ADDRESS')
     p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
     args = p.parse_args(argv)
+    if args.grouping is None:
+        args.grouping = [] if args.variant else ['config']
+    for name, *sets in args.variant:
+        if '=' in name or not all('=' in x for x in sets):
+            p.error(f'--variant takes a name then KEY=VALUE overrides, got {" ".join([name, *sets])}')
     for b in args.bits or []:
         if len(b) != 3 or b[1] != '_' or not (b[0] + b[2]).isdigit():
             p.error(f'--bits takes pairs like 2_4, got {b}')

@@ -38,13 +38,14 @@ def make_digits(split, labelled_val=True):
 class BrokenAfterFirst(Digits):
     """Evaluation data that reads fine once (the float model's evaluation) and then fails (the disk went
     away while the model was being reconstructed)."""
-    reads = 0
+    seen, repeats = set(), 0
 
     def __getitem__(self, i):
-        if i == 50:
-            BrokenAfterFirst.reads += 1
-            if BrokenAfterFirst.reads > 1:
+        if i in BrokenAfterFirst.seen:  # an image read again: the second evaluation (one check read aside)
+            BrokenAfterFirst.repeats += 1
+            if BrokenAfterFirst.repeats > 1:
                 raise OSError('disk read error')
+        BrokenAfterFirst.seen.add(i)
         return super().__getitem__(i)
 
 
@@ -220,3 +221,28 @@ def test_quantize_without_eval_data_and_with_bad_config():
         mrecg.quantize(model, digits('train', 0), {'quantize': {'reconstruction': {'iteration': 2}}})
     with pytest.raises(mrecg.ConfigError, match=r'^prob must be in \(0, 1\]'):
         mrecg.ReconstructionConfig(prob=2.0)
+
+
+def test_eval_limit_is_a_seeded_sample_across_classes():
+    from mrecg.data import TensorData, eval_batches, eval_sample
+    labels = torch.arange(10).repeat_interleave(100)  # a class-sorted folder: 10 classes of 100 images
+    idx = eval_sample(1000, 200, seed=0)
+    assert len(idx) == 200 and idx.tolist() == sorted(set(idx.tolist()))
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert counts.min() >= 10 and counts.max() <= 30  # every class, in proportion (not the first two)
+    assert torch.equal(idx, eval_sample(1000, 200, seed=0))
+    assert not torch.equal(idx, eval_sample(1000, 200, seed=1))
+    assert torch.equal(eval_sample(1000, None), torch.arange(1000))
+    assert torch.equal(eval_sample(1000, 5000), torch.arange(1000))
+    # the same images whichever way the data comes in: tensors, or any map-style Dataset
+    images = torch.arange(1000, dtype=torch.float32).reshape(1000, 1, 1, 1)
+
+    class Folder(Dataset):
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, i):
+            return images[i], labels[i]
+    seen_tensor = torch.cat([x.flatten() for x, _ in eval_batches(TensorData(images, labels), 64, 200)])
+    seen_folder = torch.cat([x.flatten() for x, _ in eval_batches(Folder(), 64, 200)])
+    assert seen_tensor.long().tolist() == seen_folder.long().tolist() == idx.tolist()

@@ -131,6 +131,24 @@ def test_loss_metric_plan_without_cache_says_what_to_do(write_config, tmp_path, 
     assert code == 2 and 'run without --plan once' in err
 
 
+def test_grouping_options_in_plan_and_their_errors(write_config, capsys):
+    paper = write_config({'mrecg': {'metric': 'modcap', 'k': 3}})
+    safe = write_config({'mrecg': {'metric': 'modcap', 'k': 3, 'exclude_classifier': True, 'difference': 'log'}},
+                        'safe.yaml')
+    code, out_paper, err = cli(['--config', paper, '--plan'], capsys)
+    assert code == 0 and 'G3     features.9,classifier' in out_paper, err  # the paper's rule merges it here
+    code, out, err = cli(['--config', safe, '--plan'], capsys)
+    assert code == 0 and 'difference log, exclude_classifier True' in out and '(9 -> 6)' in out, err
+    last = next(line for line in out.splitlines() if 'features.9,classifier' in line)
+    assert ' G' not in last
+    too_many = write_config({'mrecg': {'metric': 'modcap', 'k': 8, 'exclude_classifier': True}}, 'k8.yaml')
+    code, _, err = cli(['--config', too_many, '--plan'], capsys)
+    assert code == 2 and "at most 7 adjacent pairs can merge (the classifier's pair excluded)" in err
+    auto_lam = write_config({'mrecg': {'metric': 'modcap', 'k': 'auto', 'lam': 0.5}}, 'auto_lam.yaml')
+    code, _, err = cli(['--config', auto_lam, '--plan'], capsys)
+    assert code == 2 and 'mrecg.k' in err and 'drop mrecg.lam' in err
+
+
 def test_finished_folder_is_never_silently_overwritten(write_config, tmp_path, capsys):
     cfg = write_config({'quantize': {'reconstruction': {'enabled': False}}})
     out = str(tmp_path / 'run')
@@ -168,6 +186,15 @@ def test_loss_metric_probe_is_cached_and_reused(write_config, tmp_path, capsys):
                         'k3.yaml')
     code, out, err = cli(['--config', cfg3, '--plan'], capsys)
     assert code == 0 and '(9 -> 6)' in out, err
+    # k: auto merges one pair per fall of the cached curve; only falls, never the classifier's unit
+    losses = r['grouping']['metric_values']
+    falls = [i for i in range(len(losses) - 2) if losses[i] > losses[i + 1]]
+    auto = write_config({'mrecg': {'metric': 'loss', 'k': 'auto', 'pairs': 'falls', 'exclude_classifier': True,
+                                   'probe_iterations': 5}, 'process': {'cache_dir': cache}}, 'auto.yaml')
+    code, out, err = cli(['--config', auto, '--plan'], capsys)
+    assert code == 0 and f'(9 -> {9 - len(falls)})' in out and '(auto: one per fall)' in out, err
+    grouped = [line.split()[0] for line in out.splitlines() if ' G' in line and line.strip()[:1].isdigit()]
+    assert grouped and '8' not in grouped  # the last unit (features.9+classifier) stays alone
 
 
 def _state_results(out):

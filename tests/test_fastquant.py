@@ -96,6 +96,27 @@ def test_activation_quantizer_with_zero_point_clamps_both_ends_like_mqbench(prep
     assert torch.allclose(ours_q.scale.grad, ref_q.scale.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_inclusive_ste_bounds_pass_the_gradient_at_the_grid_ends_only(prepared):
+    """a_qconfig.ste_bounds: inclusive lets the gradient through where round(x / s) + zp is exactly qmin or
+    qmax (torch 1.x's clamp), strict does not; values, and the gradient elsewhere, are the same."""
+    q, _ = _act(prepared)
+    q.prob = 1.0
+    s, zp = q.scale.detach().reshape(()), float(q.zero_point.reshape(-1)[0])
+    qmin, qmax = float(q.quant_min), float(q.quant_max)
+    levels = torch.tensor([qmin - 1, qmin, qmin + 1, qmax - 1, qmax, qmax + 1])
+    x = ((levels - zp) * s).reshape(1, 1, 1, -1)
+    grads, outs = {}, {}
+    for bounds in ('strict', 'inclusive'):
+        xi = x.clone().requires_grad_(True)
+        outs[bounds] = FastActQuant(copy.deepcopy(q), None, bounds)(xi)
+        outs[bounds].sum().backward()
+        grads[bounds] = xi.grad.flatten().tolist()
+    assert torch.equal(outs['strict'], outs['inclusive'])
+    assert grads['strict'] == [0, 0, 1, 1, 0, 0] and grads['inclusive'] == [0, 1, 1, 1, 1, 0]
+    with pytest.raises(ValueError, match='strict or inclusive'):
+        FastActQuant(q, None, 'loose')
+
+
 @pytest.mark.parametrize('channels,size,kernel,stride,padding', [(8, 2, 3, 1, 1), (8, 2, 3, 2, 1), (6, 1, 3, 1, 1),
                                                                   (5, 2, 5, 1, 2)])
 def test_depthwise_conv_on_tiny_maps_as_matrices_matches_conv2d(channels, size, kernel, stride, padding):

@@ -1,5 +1,6 @@
 """MRECG grouping: the solver against brute force, ModCap by hand, explicit and published schemes."""
 import itertools
+import math
 import random
 
 import pytest
@@ -139,3 +140,47 @@ def test_bad_schemes_are_rejected(scheme, message):
     units = model_base_units(zoo.build_model('resnet18'))
     with pytest.raises(ValueError, match=message):
         grouping.spans_from_scheme(scheme, units)
+
+
+# ---- the safe-grouping options --------------------------------------------------------------------------
+def test_pair_scores_on_normalised_scales():
+    metric = [1.0, 2.0, 200.0, 100.0]
+    assert grouping.pair_scores(metric) == [1.0, 198.0 ** 2, 100.0 ** 2]
+    assert grouping.pair_scores(metric, 'relative') == pytest.approx([0.25, (198 / 200) ** 2, 0.25])
+    log2 = [math.log(2) ** 2, math.log(100) ** 2, math.log(2) ** 2]
+    assert grouping.pair_scores(metric, 'log') == pytest.approx(log2)
+    # the raw scale picks the large late pair, the log scale the first doubling as often as the last halving
+    assert grouping.select_pairs(grouping.pair_scores(metric), 1) == [1]
+    assert grouping.select_pairs(grouping.pair_scores(metric, 'log'), 2) == [0, 1]
+    with pytest.raises(ValueError, match='difference must be one of'):
+        grouping.pair_scores(metric, 'cubic')
+
+
+def test_eligible_pairs_falls_and_classifier():
+    metric = [3.0, 1.0, 4.0, 2.0, 5.0]  # falls at pairs 0 and 2
+    assert grouping.eligible_pairs(metric) == [True] * 4
+    assert grouping.eligible_pairs(metric, falls_only=True) == [True, False, True, False]
+    assert grouping.eligible_pairs(metric, exclude_last=True) == [True, True, True, False]
+    assert grouping.auto_k(metric, grouping.eligible_pairs(metric)) == 2
+    assert grouping.auto_k([5.0, 4.0, 3.0], grouping.eligible_pairs([5.0, 4.0, 3.0], exclude_last=True)) == 1
+    scores = grouping.pair_scores(metric)  # 4, 9, 4, 9: pairs 1 and 3 score highest but are rises
+    assert grouping.select_pairs(scores, 2) == [1, 3]
+    assert grouping.select_pairs(scores, 2, eligible=grouping.eligible_pairs(metric, falls_only=True)) == [0, 2]
+    with pytest.raises(ValueError, match='only 2 of the 4'):
+        grouping.select_pairs(scores, 3, eligible=[True, False, True, False])
+
+
+@pytest.mark.parametrize('seed', range(10))
+def test_solver_with_eligible_pairs_matches_brute_force(seed):
+    rng = random.Random(100 + seed)
+    scores = [rng.random() for _ in range(rng.randint(2, 7))]
+    eligible = [rng.random() < 0.6 for _ in scores]
+    masked = [s if ok else -1e9 for s, ok in zip(scores, eligible)]  # brute force: a forbidden pair never wins
+    for k in range(sum(eligible) + 1):
+        for cap in (None, 2):
+            expected = brute_force(masked, k, None, cap)
+            if expected is None or any(not eligible[i] for i in expected):
+                with pytest.raises(ValueError):
+                    grouping.select_pairs(scores, k, None, cap, eligible)
+            else:
+                assert grouping.select_pairs(scores, k, None, cap, eligible) == expected

@@ -48,6 +48,28 @@ def test_block_partition_covers_every_node(name, fold):
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
+def test_head_ops_in_the_last_block_as_mqbench(name):
+    """quantize.reconstruction.head_ops: last_block: the last unit starts at its first weight layer; what
+    came before it (pooling, flatten, the classifier's input quantizer) now ends the unit before."""
+    model = zoo.build_model(name).eval()
+    qmodel = prepare_model(model, SETTINGS)
+    units = model_base_units(model)
+    default, mqbench = UnitPartition.build(qmodel, units), UnitPartition.build(qmodel, units, 'last_block')
+    mods = dict(qmodel.named_modules())
+    last = len(units) - 1
+    first = mqbench.nodes_of(last, last)[0]
+    assert first.op == 'call_module' and hasattr(mods[first.target], 'weight_fake_quant')
+    moved = [n for n in default.nodes_of(last, last) if n not in mqbench.nodes_of(last, last)]
+    assert all(mqbench.owner[n] == last - 1 for n in moved)
+    assert [n.name for n in mqbench.outputs_of(last - 1, last - 1)] == [moved[-1].name if moved else
+                                                                     default.outputs_of(last - 1, last - 1)[0].name]
+    if zoo.registry_family(name) == 'resnet':  # the pooled, quantized tensor is what the last block hands on
+        assert [n.name for n in moved] == ['avgpool', 'flatten', 'flatten_post_act_fake_quantizer']
+    with pytest.raises(ValueError, match='head_ops'):
+        UnitPartition.build(qmodel, units, 'pool')
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
 def test_layer_partition_has_one_weight_layer_per_unit(name):
     qmodel = prepare_model(zoo.build_model(name).eval(), SETTINGS)
     units = layer_base_units(qmodel)

@@ -10,7 +10,7 @@ from mrecg.reconstruction import Reconstructor, lp_loss, round_beta
 from mrecg.units import UnitPartition, groups_from_spans, model_base_units
 
 
-def make(calibrated, spans=(), iterations=40, prob=0.5, seed=0, loss_fn=None, **kw):
+def make(calibrated, spans=(), iterations=40, prob=0.5, seed=0, loss_fn=None, per_unit=False, **kw):
     """A Reconstructor over a private copy of the session's calibrated model."""
     _, folded, qmodel, fp, images = calibrated
     q = copy.deepcopy(qmodel)
@@ -18,7 +18,7 @@ def make(calibrated, spans=(), iterations=40, prob=0.5, seed=0, loss_fn=None, **
     settings = ReconstructionConfig(iterations=max(iterations, 1), enabled=iterations > 0, batch_size=16, prob=prob,
                                     weight=0.1, **kw)
     recon = Reconstructor(q, fp, part, groups_from_spans(list(spans), len(part.units)), settings,
-                          torch.device('cpu'), seed, progress=False, chunk_size=32,
+                          torch.device('cpu'), seed, progress=False, chunk_size=32, iterations_per_unit=per_unit,
                           **({'loss_fn': loss_fn} if loss_fn else {}))
     recon.LOG_EVERY = 10
     return recon, q, images
@@ -86,6 +86,17 @@ def test_merged_group_is_optimised_as_one_unit(calibrated):
         assert layers and all(getattr(m.weight_fake_quant, 'hardened', False) for m in layers)
     # the inner unit still gets its own loss on the curve
     assert recon.unit_losses[1] is not None and math.isfinite(recon.unit_losses[1])
+
+
+def test_iteration_budget_per_unit_gives_a_group_its_units_steps(calibrated):
+    """mrecg.group_iterations: per_unit: a merged group of 3 units runs 3 x the iterations, with its
+    rounding-temperature schedule stretched over them; single units keep theirs."""
+    recon, _, images = make(calibrated, spans=[(1, 3)], iterations=20, per_unit=True)
+    results = recon.run(images)
+    assert [r.iters for r in results][:3] == [20, 60, 20]
+    assert recon.group_iterations(recon.groups[1]) == 60
+    plain, _, _ = make(calibrated, spans=[(1, 3)], iterations=20)
+    assert plain.group_iterations(plain.groups[1]) == 20
 
 
 def test_nan_loss_falls_back_to_last_good_state(calibrated):

@@ -158,3 +158,80 @@ def test_bench_synthetic_mode_times_both_engines_on_random_images():
         units, ms_per_unit, tflops, hours = int(r[3]), float(r[4]), float(r[7]), float(r[9])
         assert units == 8 and ms_per_unit > 0 and tflops > 0 and hours > 0
     assert 'resnet_small batch 4: speedup per step' in run.stdout
+
+
+def test_sweep_variants_are_named_folders_and_bad_ones_are_refused(tmp_path):
+    out = str(tmp_path / 'v')
+    run = _script('sweep.py', '--configs', 'configs/digits/mbv2_2_4.yaml', '--methods', 'qdrop', 'mrecg+qdrop',
+                  '--variant', 'safe', 'mrecg.exclude_classifier=true', 'mrecg.difference=log',
+                  '--variant', 'auto', 'mrecg.metric=loss', 'mrecg.k=auto', '--seeds', '1', '--out', out, '--dry-run')
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3  # qdrop once, each variant of the MRECG method once (no 'config' grouping)
+    safe = next(line for line in lines if '/mrecg+qdrop_safe/seed1' in line)
+    assert 'mrecg.exclude_classifier=true mrecg.difference=log' in safe
+    assert any('/mrecg+qdrop_auto/seed1' in line and 'mrecg.k=auto' in line for line in lines)
+    bad = _script('sweep.py', '--configs', 'configs/digits/mbv2_2_4.yaml', '--variant', 'safe', 'exclude',
+                  '--out', out, '--dry-run')
+    assert bad.returncode == 2 and '--variant takes a name then KEY=VALUE overrides' in bad.stderr
+
+
+def test_scheme_study_runs_random_schemes_and_correlates(tmp_path):
+    out = str(tmp_path / 'schemes')
+    args = ['--config', 'configs/digits/mbv2_2_4.yaml', '--schemes', '3', '--seeds', '1', '--out', out, '--set',
+            'quantize.reconstruction.iterations=4', 'quantize.cali_size=64', 'data.eval_limit=100',
+            'data.batch_size=64', 'mrecg.probe_iterations=4', f'process.cache_dir={tmp_path / "cache"}']
+    run = _script('scheme_study.py', *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for name in ('schemes.md', 'schemes.csv', 'chain.png'):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert 'final vs max previous loss: Pearson' in run.stdout and 'Pareto front' in run.stdout
+    with open(os.path.join(out, 'schemes.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r['scheme'] for r in rows) == ['loss', 'modcap', 'plain', 'random00', 'random01', 'random02']
+    by = {r['scheme']: r for r in rows}
+    assert by['plain']['merged_pairs'] == '0' and by['modcap']['merged_pairs'] == '3'  # the config's k = 3
+    for r in rows:  # each row is its run's own numbers
+        res = json.load(open(os.path.join(out, r['scheme'], 'seed1', 'results.json')))
+        losses = [u['loss'] for u in res['unit_losses']]
+        assert float(r['top1']) == pytest.approx(res['quant_top1'])
+        assert float(r['final_loss']) == pytest.approx(losses[-1])
+        assert float(r['max_previous_loss']) == pytest.approx(max(losses[:-1]))
+        assert int(r['merged_pairs']) == sum(b - a for a, b in res['grouping']['spans'])
+    randoms = [by[f'random0{i}']['groups'] for i in range(3)]
+    assert len(set(randoms)) == 3 and all(g != '-' for g in randoms)
+    best = max(rows, key=lambda r: (float(r['top1']), -int(r['merged_pairs'])))
+    assert best['pareto'] == 'True'
+    before = open(os.path.join(out, 'schemes.csv')).read()
+    again = _script('scheme_study.py', *args)  # finished runs are reused: the same table, nothing rerun
+    assert again.returncode == 0 and 'running' not in again.stdout
+    assert open(os.path.join(out, 'schemes.csv')).read() == before
+
+
+@pytest.mark.parametrize('study,expected', [
+    ('components', ['plain', 'grouping', 'expansion', 'both']),
+    ('batch', ['together_x1', 'together_x2', 'images_x2', 'batch_x2'])])
+def test_ablation_study_runs_each_variant_with_its_sizes(study, expected, tmp_path):
+    out = str(tmp_path / study)
+    run = _script('ablation_study.py', '--config', 'configs/digits/resnet_2_4.yaml', '--study', study,
+                  '--factors', '1', '2', '--expand', '2', '--seeds', '1', '--out', out, '--set',
+                  'quantize.reconstruction.iterations=4', 'quantize.cali_size=64', 'data.eval_limit=100',
+                  'data.batch_size=64', 'quantize.reconstruction.batch_size=16')
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert os.path.isfile(os.path.join(out, 'ablation.png')) and os.path.isfile(os.path.join(out, 'ablation.md'))
+    with open(os.path.join(out, 'ablation.csv')) as f:
+        rows = {r['variant']: r for r in csv.DictReader(f)}
+    assert list(rows) == expected
+    for name, r in rows.items():
+        res = json.load(open(os.path.join(out, name, 'seed1', 'results.json')))
+        settings = res['settings']
+        assert (int(r['cali_size']), int(r['batch_size'])) == (settings['cali_size'],
+                                                               settings['reconstruction']['batch_size'])
+        assert float(r['top1']) == pytest.approx(res['quant_top1'])
+    if study == 'components':
+        assert (rows['plain']['merged_pairs'], rows['expansion']['merged_pairs']) == ('0', '0')
+        assert int(rows['grouping']['merged_pairs']) == int(rows['both']['merged_pairs']) == 3
+        assert (rows['both']['cali_size'], rows['both']['batch_size']) == ('128', '32')
+    else:
+        assert (rows['images_x2']['cali_size'], rows['images_x2']['batch_size']) == ('128', '16')
+        assert (rows['batch_x2']['cali_size'], rows['batch_x2']['batch_size']) == ('64', '32')

@@ -3,9 +3,9 @@
 Parameter names: ``stem.conv``, ``stem.bn``, ``sS.bJ.proj``, ``sS.bJ.bn``, ``sS.bJ.f.{a,b,c}``,
 ``sS.bJ.f.{a_bn,b_bn,c_bn}``, ``head.fc`` (S and J count from 1). Widths come from the RegNet
 design-space parameters (w_a=36.97, w_0=48, w_m=2.24, depth 16, group width 24): stages of depth
-1/3/5/7 and widths 48/96/240/528.
+1/3/5/7 and widths 48/96/240/528. ``regnetx_small`` is a three-stage X block network for 28x28 images.
 """
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch.nn as nn
@@ -35,9 +35,9 @@ def regnet_stage_widths(w_a: float, w_0: int, w_m: float, depth: int, group_w: i
 
 
 class Stem(nn.Module):
-    def __init__(self, in_chans: int, width: int):
+    def __init__(self, in_chans: int, width: int, stride: int = 2):
         super().__init__()
-        self.conv = nn.Conv2d(in_chans, width, 3, 2, 1, bias=False)
+        self.conv = nn.Conv2d(in_chans, width, 3, stride, 1, bias=False)
         self.bn = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
 
@@ -89,13 +89,17 @@ class Head(nn.Module):
 
 
 class RegNet(nn.Module):
-    def __init__(self, w_a: float, w_0: int, w_m: float, depth: int, group_w: int, num_classes: int = 1000,
-                 in_chans: int = 3, stem_w: int = 32):
+    """``stages`` (width, depth, group width) per stage replaces the design-space parameters when given."""
+
+    def __init__(self, w_a: float = 0.0, w_0: int = 0, w_m: float = 0.0, depth: int = 0, group_w: int = 0,
+                 num_classes: int = 1000, in_chans: int = 3, stem_w: int = 32, stem_stride: int = 2,
+                 stages: Optional[Sequence[Tuple[int, int, int]]] = None):
         super().__init__()
-        self.stem = Stem(in_chans, stem_w)
+        self.stem = Stem(in_chans, stem_w, stem_stride)
         prev = stem_w
         self.stage_depths = []
-        for s, (w, d, g) in enumerate(regnet_stage_widths(w_a, w_0, w_m, depth, group_w), start=1):
+        stages = stages if stages is not None else regnet_stage_widths(w_a, w_0, w_m, depth, group_w)
+        for s, (w, d, g) in enumerate(stages, start=1):
             stage = nn.Module()
             for j in range(1, d + 1):
                 stage.add_module(f'b{j}', ResBottleneckBlock(prev if j == 1 else w, w, 2 if j == 1 else 1, g))
@@ -125,3 +129,11 @@ class RegNet(nn.Module):
 @register_model('regnetx_600m', family='regnet', image_size=224)
 def regnetx_600m(num_classes: int = 1000, in_chans: int = 3) -> RegNet:
     return RegNet(**REGNETX_600M, num_classes=num_classes, in_chans=in_chans)
+
+
+@register_model('regnetx_small', family='regnet', image_size=28)
+def regnetx_small(num_classes: int = 10, in_chans: int = 1, stem_stride: int = 1) -> RegNet:
+    """A RegNetX-style model for small images (grouped 3x3 convolutions, group width 8): stem 16, stages of
+    depth 1/2/3 and widths 24/48/96, each starting with stride 2 (28x28 -> 4x4 with stem stride 1)."""
+    return RegNet(num_classes=num_classes, in_chans=in_chans, stem_w=16, stem_stride=stem_stride,
+                  stages=[(24, 1, 8), (48, 2, 8), (96, 3, 8)])
