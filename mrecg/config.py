@@ -321,12 +321,13 @@ class MrecgConfig(Section):
     scheme: Union[List[List[str]], str, None] = key(None, doc="groups of module names, or 'authors'")
     stride_penalty: float = key(0.5, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]')
     probe_iterations: Optional[int] = key(None, positive)
-    difference: Literal['squared', 'relative', 'log'] = key('squared', doc='pair score: (a-b)^2 (paper), relative '
-                                                                         'to max(a, b), or of ln a - ln b')
+    difference: Literal['squared', 'relative', 'log'] = key('log', doc='pair score: (ln a - ln b)^2, (a-b)^2 (the '
+                                                                     'paper), or relative to max(a, b)')
     pairs: Literal['all', 'falls'] = key('all', doc='falls: merge only pairs where the metric falls (a > b)')
-    exclude_classifier: bool = key(False, doc='never merge the last unit (the classifier\'s)')
-    group_iterations: Literal['one_unit', 'per_unit'] = key('one_unit', doc='a merged group of n units gets the '
-                                                                            'iterations of one unit, or of n')
+    exclude_classifier: bool = key(True, doc='never merge the last unit (the classifier\'s; the paper: false)')
+    group_iterations: Literal['one_unit', 'per_unit'] = key('per_unit', doc='a merged group of n units gets the '
+                                                                            'iterations of n units, or of one '
+                                                                            '(the paper)')
 
     def check_section(self):
         if isinstance(self.scheme, str) and self.scheme != 'authors':

@@ -223,11 +223,13 @@ def render_plan(p: Plan) -> str:
     return '\n'.join(lines)
 
 
+PAPER_RULE = {'difference': 'squared', 'pairs': 'all', 'exclude_classifier': False, 'group_iterations': 'one_unit'}
+
+
 def option_text(cfg: Config) -> str:
     """The grouping options that differ from the paper's rule, as ', key value' text."""
-    m, paper = cfg.mrecg, type(cfg.mrecg)()
-    keys = ('difference', 'pairs', 'exclude_classifier', 'group_iterations')
-    return ''.join(f', {k} {getattr(m, k)}' for k in keys if getattr(m, k) != getattr(paper, k))
+    m = cfg.mrecg
+    return ''.join(f', {k} {getattr(m, k)}' for k, paper in PAPER_RULE.items() if getattr(m, k) != paper)
 
 
 def bit_lines(cfg: Config, table: Dict[str, Tuple[int, Optional[int]]]) -> List[str]:

@@ -30,8 +30,11 @@ METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 
                 'mrecg+qdrop']
 PRETTY = {'nearest': 'Nearest', 'adaround': 'AdaRound', 'brecq': 'BRECQ', 'qdrop': 'QDrop',
           'mqbench-brecq': 'MQBench BRECQ', 'mqbench-qdrop': 'MQBench QDrop'}
-OPTION_LABELS = {('difference', 'log'): 'log', ('difference', 'relative'): 'relative', ('pairs', 'falls'): 'falls',
-                 ('exclude_classifier', True): 'no classifier', ('group_iterations', 'per_unit'): 'its per unit'}
+# grouping options that differ from the defaults (the measured safe rule); the paper's rule has its own label
+OPTION_LABELS = {('difference', 'squared'): 'squared', ('difference', 'relative'): 'relative',
+                 ('pairs', 'falls'): 'falls', ('exclude_classifier', False): 'with classifier',
+                 ('group_iterations', 'one_unit'): 'its of one unit'}
+PAPER_RULE = {'difference': 'squared', 'pairs': 'all', 'exclude_classifier': False, 'group_iterations': 'one_unit'}
 SETTING_LABELS = {('ste_bounds', 'inclusive'): 'inclusive STE', ('head_ops', 'last_block'): 'head in last block'}
 SOURCE = {'modcap solver': 'ModCap', 'loss solver': 'loss', 'published scheme': 'authors', 'explicit scheme': 'scheme'}
 
@@ -64,10 +67,13 @@ def method_label(r):
     if not method.startswith('mrecg+'):
         return PRETTY.get(method, method) + settings_label(r)
     g = r['grouping']
-    opts = g.get('options') or {}
+    opts = g.get('options') or PAPER_RULE  # runs from before the options were made with the paper's rule
     kind = SOURCE.get(g['source'], g['source'])
     k = '' if kind in ('authors', 'scheme') else f', k={opts.get("k", g["k"])}'
-    extra = ''.join(f', {OPTION_LABELS[(key, value)]}' for key, value in opts.items() if (key, value) in OPTION_LABELS)
+    if all(opts.get(key) == value for key, value in PAPER_RULE.items()):
+        extra = ', paper rule'
+    else:
+        extra = ''.join(f', {OPTION_LABELS[(key, value)]}' for key, value in opts.items() if (key, value) in OPTION_LABELS)
     return f'MRECG({kind}{k}{extra})+{PRETTY[method.split("+", 1)[1]]}' + settings_label(r)
 
 

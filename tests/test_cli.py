@@ -39,8 +39,9 @@ def test_run_writes_results_config_log_and_plot(write_config, tmp_path, capsys):
     assert r['fp_top1'] > 90 and 0 <= r['quant_top1'] <= 100
     assert len(r['unit_losses']) == 9 and len(r['units']) == 7  # 9 base units, 2 pairs merged
     assert r['grouping']['k'] == 2 and r['grouping']['source'] == 'modcap solver'
-    for unit in r['units']:
-        assert set(unit) >= {'name', 'modules', 'loss', 'iters', 'seconds'} and unit['iters'] == 12
+    for unit in r['units']:  # a merged group gets the iterations of its units (mrecg.group_iterations)
+        assert set(unit) >= {'name', 'modules', 'loss', 'iters', 'seconds'}
+        assert unit['iters'] == 12 * len(unit['base_units'])
     assert r['loss_curve']['max_unit_loss'] == max(u['loss'] for u in r['unit_losses'])
     assert r['settings']['fold_bn'] is True
     assert 'quantized top-1' in stdout
@@ -70,7 +71,8 @@ BAD_CONFIGS = [
     ({'quantize': {'reconstruction': {'batch_size': 0}}}, 'batch_size must be > 0'),
     ({'quantize': {'cali_size': -4}}, 'cali_size must be > 0'),
     ({'quantize': {'cali_size': 5000}}, 'training split has 1297 images'),
-    ({'mrecg': {'metric': 'modcap', 'k': 50}}, 'at most 8 adjacent pairs'),
+    ({'mrecg': {'metric': 'modcap', 'k': 50}}, "at most 7 adjacent pairs can merge (the classifier's pair excluded)"),
+    ({'mrecg': {'metric': 'modcap', 'k': 50, 'exclude_classifier': False}}, 'at most 8 adjacent pairs can merge'),
     ({'mrecg': {'metric': 'modcap', 'k': 0}}, 'mrecg.k is 0'),
     ({'mrecg': {'metric': 'capacity', 'k': 2}}, 'mrecg.metric must be one of'),
     ({'mrecg': {'scheme': [['features.3', 'features.99']]}}, "names 'features.99'"),
@@ -132,13 +134,15 @@ def test_loss_metric_plan_without_cache_says_what_to_do(write_config, tmp_path, 
 
 
 def test_grouping_options_in_plan_and_their_errors(write_config, capsys):
-    paper = write_config({'mrecg': {'metric': 'modcap', 'k': 3}})
-    safe = write_config({'mrecg': {'metric': 'modcap', 'k': 3, 'exclude_classifier': True, 'difference': 'log'}},
-                        'safe.yaml')
+    paper = write_config({'mrecg': {'metric': 'modcap', 'k': 3, 'difference': 'squared', 'exclude_classifier': False,
+                                    'group_iterations': 'one_unit'}})
+    safe = write_config({'mrecg': {'metric': 'modcap', 'k': 3}}, 'safe.yaml')  # the defaults: the measured safe rule
     code, out_paper, err = cli(['--config', paper, '--plan'], capsys)
     assert code == 0 and 'G3     features.9,classifier' in out_paper, err  # the paper's rule merges it here
+    assert 'difference' not in out_paper.splitlines()[1]  # the paper's rule: no option to report
     code, out, err = cli(['--config', safe, '--plan'], capsys)
-    assert code == 0 and 'difference log, exclude_classifier True' in out and '(9 -> 6)' in out, err
+    assert code == 0 and 'difference log, exclude_classifier True, group_iterations per_unit' in out, err
+    assert '(9 -> 6)' in out
     last = next(line for line in out.splitlines() if 'features.9,classifier' in line)
     assert ' G' not in last
     too_many = write_config({'mrecg': {'metric': 'modcap', 'k': 8, 'exclude_classifier': True}}, 'k8.yaml')
