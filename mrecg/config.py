@@ -311,6 +311,10 @@ class QuantizeConfig(Section):
             'a_fakequantize': a.quantizer, 'w_qscheme': w.qscheme(), 'a_qscheme': a.qscheme()}}
 
 
+# MRECG's grouping options as the paper has them (the defaults below are the measured safe rule instead)
+PAPER_RULE = {'difference': 'squared', 'pairs': 'all', 'exclude_classifier': False, 'group_iterations': 'one_unit'}
+
+
 @dataclass
 class MrecgConfig(Section):
     metric: Literal['none', 'modcap', 'loss'] = key('none')

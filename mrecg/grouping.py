@@ -10,8 +10,9 @@ deterministic.
 
 Options that make the computed grouping safer (measured in README, "Safe automatic grouping"; the config's
 defaults are the measured safe setting, ``mrecg.difference: log`` and ``exclude_classifier: true``, and the
-paper's rule is ``difference: squared``, ``exclude_classifier: false``). ``difference``: the pair score on the raw scale (the paper), relative to the larger of
-the two, or of the logarithms (scale-free: ModCap grows with width, losses with the logits' size).
+paper's rule is ``difference: squared``, ``exclude_classifier: false``). ``difference``: the pair score on the
+raw scale (the paper), relative to the larger of the two, or of the logarithms (scale-free: ModCap grows with
+width, losses with the logits' size).
 ``eligible_pairs``: every pair, or only where the metric falls (CM_l > CM_{l+1}, the oscillation itself),
 optionally without the last unit (the classifier's, which the authors never merge). ``auto_k``: one merged
 pair per fall among the eligible pairs.

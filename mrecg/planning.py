@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from mrecg import capacity, grouping
-from mrecg.config import Config
+from mrecg.config import PAPER_RULE, Config
 from mrecg.errors import UserError
 from mrecg.quantization import fold_bn, layer_bit_table, prepare_model
 from mrecg.units import (BaseUnit, UnitPartition, called_only, groups_from_spans, is_generic, join_forks,
@@ -221,9 +221,6 @@ def render_plan(p: Plan) -> str:
         except ValueError:
             pass
     return '\n'.join(lines)
-
-
-PAPER_RULE = {'difference': 'squared', 'pairs': 'all', 'exclude_classifier': False, 'group_iterations': 'one_unit'}
 
 
 def option_text(cfg: Config) -> str:

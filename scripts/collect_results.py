@@ -25,6 +25,8 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 
+from mrecg.config import PAPER_RULE
+
 BITS_ORDER = [(4, 4), (2, 4), (3, 3), (2, 2)]
 METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 'mqbench-qdrop', 'qdrop',
                 'mrecg+qdrop']
@@ -34,7 +36,6 @@ PRETTY = {'nearest': 'Nearest', 'adaround': 'AdaRound', 'brecq': 'BRECQ', 'qdrop
 OPTION_LABELS = {('difference', 'squared'): 'squared', ('difference', 'relative'): 'relative',
                  ('pairs', 'falls'): 'falls', ('exclude_classifier', False): 'with classifier',
                  ('group_iterations', 'one_unit'): 'its of one unit'}
-PAPER_RULE = {'difference': 'squared', 'pairs': 'all', 'exclude_classifier': False, 'group_iterations': 'one_unit'}
 SETTING_LABELS = {('ste_bounds', 'inclusive'): 'inclusive STE', ('head_ops', 'last_block'): 'head in last block'}
 SOURCE = {'modcap solver': 'ModCap', 'loss solver': 'loss', 'published scheme': 'authors', 'explicit scheme': 'scheme'}
 
