@@ -63,7 +63,9 @@ def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, wor
         'quant': {'w': asdict(q.w_qconfig), 'a': act, 'fold_bn': q.fold_bn,
                   'layer_bits': [asdict(r) for r in q.layer_bits]}}
     if kind == 'loss':
-        key.update(units=cfg.model.units, recon=asdict(q.reconstruction),
+        recon = asdict(q.reconstruction)
+        recon.pop('prefetch')  # where batches are gathered does not change the losses
+        key.update(units=cfg.model.units, recon=recon,
                    probe_iterations=cfg.mrecg.probe_iterations)
         if ste_bounds != 'strict':
             key['ste_bounds'] = ste_bounds

@@ -287,6 +287,8 @@ class ReconstructionConfig(Section):
                                                         'block (MQBench)')
     autocast: Literal['none', 'bfloat16'] = key('none', doc="the step's convolutions in bfloat16 (quantizers, loss, "
                                                             'optimiser stay float32)')
+    prefetch: Literal['auto', 'on', 'off'] = key('auto', doc="gather the next step's batch while this one computes "
+                                                         '(auto: host caches feeding a GPU; same numbers)')
 
 
 @dataclass

@@ -22,13 +22,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mrecg.batching import StepBatches
 from mrecg.config import ReconstructionConfig
 from mrecg.distributed import Dist
 from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, keep_mask
@@ -63,13 +64,11 @@ class Training:
     good: List[torch.Tensor]
     optimiser: torch.optim.Optimizer
     schedule: object
-    gen: torch.Generator
+    batches: StepBatches
     mask_gen: torch.Generator
     inputs: List[str]
     targets: List[str]
     mixed: List[bool]
-    n: int
-    batch_size: int
     iterations: int
 
 
@@ -113,6 +112,8 @@ class Reconstructor:
         self.ste_bounds = ste_bounds
         self.loss_fn, self.chunk_size = loss_fn, chunk_size
         self.cache_device = torch.device('cpu') if settings.cache_device == 'cpu' else device
+        self.lookahead = (settings.prefetch == 'on' or settings.prefetch == 'auto' and device.type == 'cuda'
+                          and self.cache_device.type == 'cpu')
         self.cache_dtype = DTYPES[settings.cache_dtype]
         self.last_use = liveness(partition, groups)
         self.fp_cache: Dict[str, torch.Tensor] = {}
@@ -123,9 +124,7 @@ class Reconstructor:
             p.requires_grad_(False)  # only the active unit's rounding variables and steps get gradients
 
     # ---- caches --------------------------------------------------------------------------------------
-    def _fetch(self, tensor: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if index is not None:
-            tensor = tensor.index_select(0, index)
+    def _fetch(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, torch.float32, non_blocking=True)
 
     def _write(self, cache: Dict[str, torch.Tensor], name: str, start: int, chunk: torch.Tensor, total: int) -> None:
@@ -276,34 +275,38 @@ class Reconstructor:
         params = alphas + scales
         n = len(self.q_cache[inputs[0]])  # this rank's shard
         mixed = [s.prob < 1.0 and self.q_cache[name] is not self.fp_cache[name] for name in inputs]
+        targets = [o.name for o in outputs]
+        sources = ([self.q_cache[name] for name in inputs] + [self.fp_cache[name] for name, mix in zip(inputs, mixed)
+                                                               if mix] + [self.fp_cache[name] for name in targets])
+        batches = StepBatches(sources, n, min(s.batch_size, n * self.dist.world) // self.dist.world, gen, self.device,
+                              self.lookahead)
         return Training(graph, weight_layers, fast_layers, act_quants, params, [p.detach().clone() for p in params],
-                        optimiser, schedule, gen, mask_gen, inputs, [o.name for o in outputs], mixed, n,
-                        min(s.batch_size, n * self.dist.world) // self.dist.world, iterations)
+                        optimiser, schedule, batches, mask_gen, inputs, targets, mixed, iterations)
 
-    def _batch(self, t: 'Training', idx: torch.Tensor) -> List[torch.Tensor]:
-        """The group's inputs for one step; with QDrop each element comes from the quantized stream with
-        probability ``prob``, else from the float one."""
-        xs = []
-        for name, mix in zip(t.inputs, t.mixed):
-            x = self._fetch(self.q_cache[name], idx)
+    def _batch(self, t: 'Training', rows: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The group's inputs and float targets for one step from ``StepBatches`` rows (quantized inputs,
+        float inputs of the mixed ones, targets); with QDrop each input element comes from the quantized stream
+        with probability ``prob``, else from the float one."""
+        xs, rest = [], iter(rows[len(t.inputs):])
+        for x, mix in zip(rows[:len(t.inputs)], t.mixed):
             if mix:
                 # lerp with a 0/1 weight is exact: the quantized input where 1, the float one where 0
-                x = torch.lerp(self._fetch(self.fp_cache[name], idx), x, keep_mask(x, self.settings.prob, t.mask_gen))
+                x = torch.lerp(next(rest), x, keep_mask(x, self.settings.prob, t.mask_gen))
             xs.append(x)
-        return xs
+        return xs, list(rest)
 
     def _step(self, t: 'Training', step: int) -> torch.Tensor:
         """One optimisation step on a random mini-batch; returns its reconstruction loss."""
         s = self.settings
-        idx = torch.randperm(t.n, generator=t.gen)[:t.batch_size].to(self.cache_device)
-        xs = self._batch(t, idx)
+        _, rows = t.batches.next()
+        xs, targets = self._batch(t, rows)
         if step + 1 >= s.warm_up * t.iterations:  # the rounding regulariser (gradient added in the layers)
             beta = round_beta(step + 1, t.iterations, s.warm_up, s.b_range)  # MQBench counts from 1
             for f in t.fast_layers:
                 f.reg_weight, f.beta = s.weight, beta
         with torch.autocast(self.device.type, torch.bfloat16, enabled=s.autocast == 'bfloat16'):
             outs = t.graph(*xs)
-        rec = self._rec_loss(outs, t.targets, idx)
+        rec = sum(self.loss_fn(o.float(), target) for o, target in zip(outs, targets))
         t.optimiser.zero_grad(set_to_none=True)
         rec.backward()
         self.dist.average_gradients(t.params)
@@ -347,10 +350,6 @@ class Reconstructor:
         cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * step / iterations))  # noqa: E731
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, [lambda step: 1.0, cosine][:len(groups)])
         return optimiser, schedule
-
-    def _rec_loss(self, outs: Sequence[torch.Tensor], targets: List[str], idx: torch.Tensor) -> torch.Tensor:
-        """Reconstruction loss of the group's outputs against the cached float targets."""
-        return sum(self.loss_fn(o.float(), self._fetch(self.fp_cache[t], idx)) for o, t in zip(outs, targets))
 
     @staticmethod
     @torch.no_grad()

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from mrecg.batching import StepBatches
 from mrecg.config import ReconstructionConfig
 from mrecg.reconstruction import Reconstructor, lp_loss, round_beta
 from mrecg.units import UnitPartition, groups_from_spans, model_base_units
@@ -150,6 +151,36 @@ def test_bfloat16_autocast_step_is_active_and_stays_close(calibrated):
     assert bf16.unit_losses != full.unit_losses  # the convolutions really ran in bfloat16
     for a, b in zip(full.unit_losses, bf16.unit_losses):
         assert abs(a - b) <= 0.15 * a + 1e-6
+
+
+def test_prefetch_gives_the_same_numbers(calibrated):
+    """Gathering the next step's batch ahead (the GPU path's order of work, here on the CPU) changes nothing."""
+    runs = []
+    for prefetch in ('off', 'on'):
+        recon, q, images = make(calibrated, spans=[(1, 2)], iterations=15, prefetch=prefetch, cache_dtype='float16')
+        assert recon.lookahead == (prefetch == 'on')
+        recon.run(images)
+        runs.append((recon.unit_losses, {k: v.clone() for k, v in q.state_dict().items()}))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert losses_a == losses_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+@pytest.mark.parametrize('device', ['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
+def test_step_batches_lookahead_draws_the_same_rows(device):
+    """Rows in float32 on the device, in the generator's order, with and without lookahead; from a bfloat16
+    host cache to CUDA the lookahead copies on a side stream into pinned buffers."""
+    sources = [torch.arange(40.).view(10, 4).to(torch.bfloat16), torch.randn(10, 2, 3)]
+    draws = []
+    for lookahead in (False, True):
+        batches = StepBatches(sources, 10, 3, torch.Generator().manual_seed(7), torch.device(device), lookahead)
+        draws.append([batches.next() for _ in range(5)])
+    for (idx_a, rows_a), (idx_b, rows_b) in zip(*draws):
+        assert torch.equal(idx_a, idx_b) and len(idx_a) == 3
+        for a, b, src in zip(rows_a, rows_b, sources):
+            assert a.dtype == b.dtype == torch.float32 and b.device.type == device
+            assert torch.equal(a, b) and torch.equal(b.cpu(), src[idx_b.cpu()].float())
+    assert len({tuple(idx.tolist()) for idx, _ in draws[0]}) > 1
 
 
 def test_round_beta_schedule():
