@@ -210,8 +210,11 @@ def _state_results(out):
 
 
 def _start(cfg, out):
+    # SIGINT back to its default in the child: a shell runs background jobs with it ignored, and Python then
+    # installs no KeyboardInterrupt handler (pytest started with `&` made the SIGINT test fail for that reason)
     return subprocess.Popen([sys.executable, os.path.join(ROOT, 'ptq_main.py'), '--config', cfg, '--output', out,
-                             '--no-progress'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             '--no-progress'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_units(proc, out, units, timeout=240):
