@@ -21,9 +21,9 @@ class StepBatches:
     def __init__(self, sources: List[torch.Tensor], n: int, batch_size: int, generator: torch.Generator,
                  device: torch.device, lookahead: bool = False):
         self.sources, self.n, self.batch_size, self.gen, self.device = sources, n, batch_size, generator, device
-        self.host_to_cuda = device.type == 'cuda' and all(s.device.type == 'cpu' for s in sources)
         self.lookahead = lookahead
-        self.stream = torch.cuda.Stream(device) if lookahead and self.host_to_cuda else None
+        host_to_cuda = device.type == 'cuda' and all(s.device.type == 'cpu' for s in sources)
+        self.stream = torch.cuda.Stream(device) if lookahead and host_to_cuda else None
         self.pinned: List[List[torch.Tensor]] = [[], []]  # double buffer: one filling, one maybe still copying
         self.copied: List[Optional[torch.cuda.Event]] = [None, None]
         self.slot = 0
