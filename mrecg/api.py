@@ -13,6 +13,7 @@ resume and caches (``mrecg.runner``). Called in every process of an initialised 
 """
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -21,11 +22,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from mrecg.caching import RunCache, images_id
+from mrecg.caching import RunCache, environment, eval_fingerprint, images_id, model_digest
 from mrecg.config import Config, as_config
 from mrecg.data import CalibData, EvalData, calibration_images, eval_batches, reading
 from mrecg.distributed import Dist, check_divisible, current
-from mrecg.errors import UserError
+from mrecg.errors import NotResumable, UserError
 from mrecg.evaluation import Accuracy, evaluate
 from mrecg.planning import GroupingInfo, Prepared, choose_groups, prepare, validate_grouping
 from mrecg.quantization import (calibrate, disable_all, enable_quantization, is_adaround_layer, layer_bit_table,
@@ -48,15 +49,37 @@ class Timings:
 
 
 @dataclass
+class ProbeState:
+    """The loss metric's plain probe part-way (it is a whole plain reconstruction: hours on ImageNet)."""
+    results: List[GroupResult]
+    hardened: List[str]
+    qmodel_state: Dict[str, torch.Tensor]
+
+
+PHASES = ('calibrated', 'probe', 'reconstruction')
+
+
+@dataclass
 class RunState:
-    """Everything needed to continue after the last finished unit (``ptq_main.py --resume``)."""
+    """Everything needed to continue an interrupted run (``ptq_main.py --resume``), in the phase it reached:
+    ``calibrated`` (quantizer ranges set), ``probe`` (the loss metric's probe under way, in ``probe``) or
+    ``reconstruction`` (``grouping`` chosen, ``results`` of the finished groups). ``qmodel_state`` is the
+    quantized model (calibrated, plus the hardened groups once reconstructing); ``weights`` and ``images`` are
+    the digests of the float weights and calibration images it was computed from (a resume on others is
+    refused), ``eval_data`` that of the data ``fp_accuracy`` was measured on (re-measured if it changed).
+    Tensors are CPU copies: the state never changes after it is handed out."""
     fp_accuracy: Optional[Accuracy]
-    grouping: GroupingInfo
+    grouping: Optional[GroupingInfo]
     results: List[GroupResult]
     hardened: List[str]
     qmodel_state: Dict[str, torch.Tensor]
     elapsed: float = 0.0
     world_size: int = 1
+    phase: str = 'reconstruction'
+    weights: str = ''
+    images: str = ''
+    eval_data: Optional[str] = None
+    probe: Optional[ProbeState] = None
 
 
 @dataclass
@@ -90,14 +113,19 @@ class QuantizationResult:
                 f'{self.timings.total_seconds:.0f} s')
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
+def resolve_device(name: Optional[str], dist: Optional[Dist] = None) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device. Inside a NCCL process group a bare ``cuda`` is this
+    process's own GPU (``LOCAL_RANK``, else rank modulo the GPUs), never every rank's ``cuda:0``."""
     name = name or 'auto'
     if name == 'cuda' and not torch.cuda.is_available():
         raise UserError('device cuda was asked for but no CUDA device is available (use --device cpu)')
     if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name not in ('cpu', 'cuda') and not name.startswith('cuda:'):
         raise UserError(f'device must be auto, cpu or cuda, got {name!r}')
+    if name == 'cuda' and dist is not None and dist.enabled and dist.backend == 'nccl':
+        local = os.environ.get('LOCAL_RANK')
+        return torch.device('cuda', int(local) if local and local.isdigit() else dist.rank % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -107,12 +135,37 @@ def hardened_layers(qmodel: nn.Module) -> List[str]:
             if is_adaround_layer(m) and getattr(m.weight_fake_quant, 'hardened', False)]
 
 
-def restore_state(qmodel: nn.Module, state: RunState) -> None:
-    load_quantized_state(qmodel, state.qmodel_state)
+def restore_state(qmodel: nn.Module, qmodel_state: Dict[str, torch.Tensor], hardened: List[str]) -> None:
+    load_quantized_state(qmodel, qmodel_state)
     mods = dict(qmodel.named_modules())
-    for name in state.hardened:
+    for name in hardened:
         mods[name].weight_fake_quant.adaround = False
         mods[name].weight_fake_quant.hardened = True
+
+
+def cpu_copy(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A state dict of CPU copies: it loads on a machine without the GPU and does not change afterwards."""
+    return {k: v.detach().to('cpu', copy=True) for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """Digests of what a run's numbers depend on beyond its config (``mrecg.caching``)."""
+    weights: str
+    images: str
+    eval_data: Optional[str]
+
+
+def check_resume(state: Optional[RunState], prints: Fingerprints) -> None:
+    """A resumed run must continue on the float weights and calibration images it started with."""
+    if state is None:
+        return
+    for what, saved, now in (('float weights', state.weights, prints.weights),
+                             ('calibration images', state.images, prints.images)):
+        if saved != now:
+            raise NotResumable(f'the {what} differ from those this run started with ({saved[:12]} then, {now[:12]} '
+                            f'now): resuming would continue on other targets; start the run over '
+                            f'(ptq_main.py: --overwrite)')
 
 
 def _evaluate(model: nn.Module, eval_data: Optional[EvalData], run: '_Session', desc: str) -> Optional[Accuracy]:
@@ -148,9 +201,10 @@ def _calibrate(prepared: Prepared, images: torch.Tensor, cfg: Config, device: to
 
 
 def _probe_losses(run: '_Session', prepared: Prepared, fp_model: fx.GraphModule, images: torch.Tensor,
-                  cache: Optional[RunCache]) -> List[float]:
+                  cache: Optional[RunCache], reporter: '_Reporter') -> List[float]:
     """The loss metric: per-unit losses of a plain (ungrouped) run on a copy of the calibrated model
-    (``images``: this rank's shard; rank 0 decides whether the cache holds them)."""
+    (``images``: this rank's shard; rank 0 decides whether the cache holds them). Reported after each unit
+    and resumed like the main run."""
     cfg, device, progress = run.cfg, run.device, run.progress
     names = [u.name for u in prepared.units]
     cached = run.dist.broadcast(cache.unit_losses(names) if cache and run.dist.main else None)
@@ -159,52 +213,100 @@ def _probe_losses(run: '_Session', prepared: Prepared, fp_model: fx.GraphModule,
         return cached
     iterations = cfg.mrecg.probe_iterations or cfg.quantize.reconstruction.iterations
     probe_model = copy.deepcopy(prepared.qmodel)
+    done = []
+    if run.resume and run.resume.probe:
+        restore_state(probe_model, run.resume.probe.qmodel_state, run.resume.probe.hardened)
+        probe_model.to(device)
+        done = list(run.resume.probe.results)
     partition = UnitPartition.build(probe_model, prepared.units, prepared.partition.head_ops)
     settings = replace(cfg.quantize.reconstruction, iterations=iterations)
-    log.info('loss metric: plain probe pass, %d iterations per unit', iterations)
+    log.info('loss metric: plain probe pass, %d iterations per unit%s', iterations,
+             f' (resumed after {len(done)} units)' if done else '')
     probe = Reconstructor(probe_model, fp_model, partition, groups_from_spans([], len(names)), settings, device,
                           cfg.process.seed, progress, chunk_size=cfg.data.batch_size, dist=run.dist,
                           ste_bounds=cfg.quantize.a_qconfig.ste_bounds)
-    probe.run(images)
+    probe.run(images, done, on_group_done=lambda results: reporter.probe(results, probe_model))
     losses = list(probe.unit_losses)
     if cache and run.dist.main:
         cache.save_unit_losses(names, losses, iterations)
     return losses
 
 
+class _Reporter:
+    """Hands ``on_unit_done`` the run state after calibration, after each probe unit and after each group:
+    CPU copies, never the live tensors (rank 0 only)."""
+
+    def __init__(self, run: '_Session', fp_acc: Optional[Accuracy], prints: Fingerprints,
+                 callback: Optional[Callable[[RunState], None]]):
+        self.run, self.fp_acc, self.prints = run, fp_acc, prints
+        self.callback = callback if run.dist.main else None
+        self.calibrated_state: Dict[str, torch.Tensor] = {}
+
+    def _send(self, phase: str, **fields) -> None:
+        p = self.prints
+        self.callback(RunState(self.fp_acc, elapsed=self.run.elapsed(), world_size=self.run.dist.world,
+                               phase=phase, weights=p.weights, images=p.images, eval_data=p.eval_data, **fields))
+
+    def calibrated(self, qmodel: nn.Module) -> None:
+        if self.callback is None:
+            return
+        self.calibrated_state = cpu_copy(qmodel.state_dict())
+        self._send('calibrated', grouping=None, results=[], hardened=[], qmodel_state=self.calibrated_state)
+
+    def probe(self, results: List[GroupResult], probe_model: nn.Module) -> None:
+        if self.callback is None:
+            return
+        probe = ProbeState(copy.deepcopy(results), hardened_layers(probe_model), cpu_copy(probe_model.state_dict()))
+        self._send('probe', grouping=None, results=[], hardened=[], qmodel_state=self.calibrated_state, probe=probe)
+
+    def reconstruction(self, info: GroupingInfo, results: List[GroupResult], qmodel: nn.Module) -> None:
+        if self.callback is None:
+            return
+        self._send('reconstruction', grouping=copy.deepcopy(info), results=copy.deepcopy(results),
+                   hardened=hardened_layers(qmodel), qmodel_state=cpu_copy(qmodel.state_dict()))
+
+
 def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_data: Optional[EvalData] = None, *,
              device: Optional[str] = None, progress: bool = False, cache_dir: Optional[str] = None,
-             data_id: Optional[str] = None, resume: Optional[RunState] = None,
+             resume: Optional[RunState] = None,
              on_unit_done: Optional[Callable[[RunState], None]] = None) -> QuantizationResult:
-    """Quantize ``model`` (float, not modified) with calibration images from ``calib_data`` (a tensor
-    N x C x H x W, a Dataset of images or (image, label), or a DataLoader) as ``config`` says (a
-    ``mrecg.Config``, a mapping like the YAML, or a YAML path). With ``eval_data`` (a labelled Dataset, a
-    DataLoader or (images, labels)) the float and quantized top-1/top-5 are measured.
+    """Quantize a copy of ``model`` (float; the caller's model, its mode and device are left as they are) with
+    calibration images from ``calib_data`` (a tensor N x C x H x W, a Dataset of images or (image, label), or
+    a DataLoader) as ``config`` says (a ``mrecg.Config``, a mapping like the YAML, or a YAML path). With
+    ``eval_data`` (a labelled Dataset, a DataLoader or (images, labels)) the float and quantized top-1/top-5
+    are measured.
 
-    ``cache_dir`` keeps calibration ranges (``process.cache_calibration``) and the loss metric's probe there;
-    ``resume``/``on_unit_done`` continue from, and report, the state after each unit (the CLI's checkpoint).
+    ``cache_dir`` keeps calibration ranges (``process.cache_calibration``) and the loss metric's probe there,
+    keyed by the content of the weights and images; ``on_unit_done`` receives the state (CPU copies) after
+    calibration and after every unit of the probe and of the reconstruction, and ``resume`` continues from
+    such a state (the CLI's ``checkpoint.pt``).
     """
     cfg = as_config(config)
     if not isinstance(model, nn.Module):
         raise UserError(f'model must be a torch.nn.Module, got {type(model).__name__}')
-    run = _Session(cfg, resolve_device(device or cfg.process.device), progress, resume, current())
+    dist = current()
+    run = _Session(cfg, resolve_device(device or cfg.process.device, dist), progress, resume, dist)
+    model = copy.deepcopy(model).eval()
     images = run.timed('calibration_data_seconds', lambda: calibration_images(
         calib_data, cfg.quantize.cali_size, cfg.process.seed, cfg.data.batch_size, cfg.data.num_workers))
-    model = model.eval()
-    fp_acc = resume.fp_accuracy if resume else run.timed(
-        'fp_eval_seconds', lambda: _evaluate(model.to(run.device), eval_data, run, 'eval float'))
-    if fp_acc is not None and not resume:
-        log.info('float top-1 %s top-5 %s on %d images', fp_acc.top1, fp_acc.top5, fp_acc.images)
-    cache = RunCache(cache_dir, cfg, model, data_id or images_id(images), cfg.model.type or type(model).__name__,
-                     world=run.dist.world) if cache_dir else None
+    prints = Fingerprints(model_digest(model), images_id(images), eval_fingerprint(eval_data))
+    check_resume(resume, prints)
+    fp_acc = _float_accuracy(run, model, eval_data, prints)
+    cache = RunCache(cache_dir, cfg, prints.weights, prints.images, cfg.model.type or type(model).__name__,
+                     run.dist.world, environment(run.device)) if cache_dir else None
     prepared, fp_model = _calibrated(run, model, images, cache)
+    reporter = _Reporter(run, fp_acc, prints, on_unit_done)
+    if resume is None:
+        reporter.calibrated(prepared.qmodel)
+    elif resume.phase != 'reconstruction':
+        reporter.calibrated_state = cpu_copy(prepared.qmodel.state_dict()) if reporter.callback else {}
     shard = run.dist.shard(images)  # reconstruction caches this rank's share only
     del images
-    info = resume.grouping if resume else run.timed('grouping_seconds', lambda: choose_groups(
-        cfg, prepared.partition, lambda: _probe_losses(run, prepared, fp_model, shard, cache)))
+    info = resume.grouping if resume and resume.grouping else run.timed('grouping_seconds', lambda: choose_groups(
+        cfg, prepared.partition, lambda: _probe_losses(run, prepared, fp_model, shard, cache, reporter)))
     for note in info.notes:
         log.warning('grouping: %s', note)
-    recon, results = _reconstruct(run, prepared, fp_model, info, shard, fp_acc, on_unit_done)
+    recon, results = _reconstruct(run, prepared, fp_model, info, shard, reporter)
     enable_quantization(prepared.qmodel)
     q_acc = run.timed('quant_eval_seconds', lambda: _evaluate(prepared.qmodel, eval_data, run, 'eval quantized'))
     if q_acc is not None:
@@ -217,6 +319,19 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
                               peak_cache_bytes_per_rank=run.dist.gather(recon.peak_cache_bytes))
 
 
+def _float_accuracy(run: '_Session', model: nn.Module, eval_data: Optional[EvalData],
+                    prints: Fingerprints) -> Optional[Accuracy]:
+    """The float model's accuracy: measured, or the resumed run's when its evaluation data is unchanged."""
+    if run.resume and run.resume.eval_data == prints.eval_data:
+        return run.resume.fp_accuracy
+    if run.resume:
+        log.warning('the evaluation data changed since this run started: the float model is evaluated again')
+    fp_acc = run.timed('fp_eval_seconds', lambda: _evaluate(model.to(run.device), eval_data, run, 'eval float'))
+    if fp_acc is not None:
+        log.info('float top-1 %s top-5 %s on %d images', fp_acc.top1, fp_acc.top5, fp_acc.images)
+    return fp_acc
+
+
 class _Session:
     """The clock, timings and settings one ``quantize`` call shares between its steps."""
 
@@ -224,8 +339,9 @@ class _Session:
         self.cfg, self.device, self.progress, self.resume, self.dist = cfg, device, progress and dist.main, resume, dist
         check_divisible(dist, cfg.quantize.cali_size, cfg.quantize.reconstruction.batch_size)
         if resume and resume.world_size != dist.world:
-            raise UserError(f'this run was started on {resume.world_size} process(es) and is resumed on {dist.world}: '
-                            f'resume it with the same number (torchrun --nproc_per_node={resume.world_size})')
+            raise NotResumable(f'this run was started on {resume.world_size} process(es) and is resumed on '
+                               f'{dist.world}: resume it with the same number (torchrun '
+                               f'--nproc_per_node={resume.world_size})')
         self.start, self.timings = time.perf_counter(), Timings()
         self.before = resume.elapsed if resume else 0.0
 
@@ -250,7 +366,7 @@ def _calibrated(run: _Session, model: nn.Module, images: torch.Tensor,
     fp_model = copy.deepcopy(prepared.qmodel)
     disable_all(fp_model)
     if run.resume:
-        restore_state(prepared.qmodel, run.resume)
+        restore_state(prepared.qmodel, run.resume.qmodel_state, run.resume.hardened)
         prepared.qmodel.to(run.device)
     elif run.timed('calibration_seconds', lambda: _calibrate(prepared, images, run.cfg, run.device, cache, run.dist)):
         log.info('calibration: reused the cached quantizer ranges (%s)', cache.folder)
@@ -258,26 +374,22 @@ def _calibrated(run: _Session, model: nn.Module, images: torch.Tensor,
 
 
 def _reconstruct(run: _Session, prepared: Prepared, fp_model: fx.GraphModule, info: GroupingInfo,
-                 images: torch.Tensor, fp_acc: Optional[Accuracy],
-                 on_unit_done: Optional[Callable[[RunState], None]]) -> Tuple[Reconstructor, List[GroupResult]]:
+                 images: torch.Tensor, reporter: _Reporter) -> Tuple[Reconstructor, List[GroupResult]]:
     """Reconstruct every group (after those a resumed run finished), reporting the state after each."""
     qmodel = prepared.qmodel
     groups = groups_from_spans([tuple(s) for s in info.spans], len(prepared.units))
     log.info('%d base units -> %d reconstruction units (%s); %s', len(prepared.units), len(groups), info.source,
              ' | '.join(f'[{"+".join(g)}]' for g in info.groups) or 'no merged groups')
-
-    def report(results: List[GroupResult]) -> None:
-        if on_unit_done is not None and run.dist.main:
-            on_unit_done(RunState(fp_acc, info, list(results), hardened_layers(qmodel), qmodel.state_dict(),
-                                  run.elapsed(), run.dist.world))
-    if not run.resume:
-        report([])
+    resumed = run.resume is not None and run.resume.phase == 'reconstruction'
+    if not resumed:
+        reporter.reconstruction(info, [], qmodel)
     recon = Reconstructor(qmodel, fp_model, prepared.partition, groups, run.cfg.quantize.reconstruction, run.device,
                           run.cfg.process.seed, run.progress, chunk_size=run.cfg.data.batch_size, dist=run.dist,
                           iterations_per_unit=run.cfg.mrecg.group_iterations == 'per_unit',
                           ste_bounds=run.cfg.quantize.a_qconfig.ste_bounds)
-    done = list(run.resume.results) if run.resume else []
-    return recon, run.timed('reconstruction_seconds', lambda: recon.run(images, done, on_group_done=report))
+    done = list(run.resume.results) if resumed else []
+    return recon, run.timed('reconstruction_seconds', lambda: recon.run(
+        images, done, on_group_done=lambda results: reporter.reconstruction(info, results, qmodel)))
 
 
 def _warnings(results: List[GroupResult], q_acc: Optional[Accuracy]) -> List[str]:

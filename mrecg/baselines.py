@@ -1,5 +1,5 @@
 """MQBench's own ``advanced_ptq.ptq_reconstruction`` (BRECQ/QDrop), run on exactly our model, calibration
-data and settings: the outside reference for accuracy (benchmark table) and speed (bench_reconstruction).
+data and settings: the outside reference for accuracy (benchmark table) and speed (mrecg bench).
 
 Differences that remain are MQBench's own: its heuristic block extractor picks the units, every step uses
 one fixed calibration batch (it splits the calibration set into batches of ``batch_size``), and it

@@ -1,7 +1,11 @@
 """On-disk caches that let sweeps skip repeated work: calibrated quantizer ranges and the loss metric's
-plain probe losses. A key is a hash of everything the cached result depends on: the float weights and
-calibration images themselves (not file names), the quantizers, the units and, for the probe, the
-reconstruction settings. Nothing is cached unless a cache folder is given.
+plain probe losses, and the fingerprints that tie a run's checkpoint to its weights and data.
+
+A cache key is a hash of everything the cached result depends on: the float weights and the calibration
+images themselves (their bytes, whatever source drew them: a folder whose images were replaced, a changed
+data factory or random crops drawn by other workers give other bytes), the quantizers, the units, for the
+probe the reconstruction settings, and the environment (device type, torch and MQBench versions: CPU and
+CUDA draw different QDrop masks). Nothing is cached unless a cache folder is given.
 """
 import hashlib
 import json
@@ -15,8 +19,8 @@ import torch.nn as nn
 from mrecg.config import Config
 from mrecg.reporting import save_torch, write_json
 
-# bumped when the numbers a cache holds change (loss 4: weights/images digests, typed config)
-FORMAT = {'calibration': 2, 'loss': 4}
+# bumped when the numbers a cache holds change (5/3: content keys with device and versions)
+FORMAT = {'calibration': 3, 'loss': 5}
 
 
 def tensor_digest(tensors) -> str:
@@ -43,16 +47,46 @@ def images_id(images: torch.Tensor) -> str:
     return tensor_digest([('images', images)])
 
 
-def data_config_id(cfg: Config) -> str:
-    """The identity of the calibration images a config draws (without drawing them: --plan has no data)."""
-    d = cfg.data
-    key = {'type': d.type, 'path': d.path, 'kwargs': d.kwargs, 'input_size': d.input_size, 'mean': d.mean,
-           'std': d.std, 'test_resize': d.test_resize, 'cali_transform': d.cali_transform,
-           'split_seed': d.split_seed, 'cali_size': cfg.quantize.cali_size}
-    return digest(key)
+def environment(device: torch.device) -> Dict[str, str]:
+    """What besides the inputs changes cached numbers: the device type and the library versions."""
+    import mqbench
+    return {'device': torch.device(device).type, 'torch': torch.__version__,
+            'mqbench': getattr(mqbench, '__version__', 'mqbench-torch2')}
 
 
-def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, world: int = 1) -> str:
+def eval_fingerprint(data: Any) -> Optional[str]:
+    """A digest of evaluation data that reads no image (ImageNet's 50 000 files are only stat'ed): tensors by
+    their bytes, image folders (``.samples``) by every file's path, label, size and modification time, a
+    ``Subset`` by its dataset and indices, a DataLoader by its dataset; any other Dataset by its type and
+    length only. None when there is no data."""
+    from torch.utils.data import DataLoader, Subset
+    from mrecg.data import TensorData
+    if data is None:
+        return None
+    if isinstance(data, DataLoader):
+        return digest({'loader': eval_fingerprint(data.dataset), 'batch_size': data.batch_size})
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return tensor_digest([('images', data[0]), ('labels', data[1])])
+    if isinstance(data, TensorData):
+        tensors = [('images', data.images)] + ([('labels', data.labels)] if data.labels is not None else [])
+        return tensor_digest(tensors)
+    if isinstance(data, Subset):
+        return digest({'subset': eval_fingerprint(data.dataset), 'indices': [int(i) for i in data.indices]})
+    if isinstance(getattr(data, 'samples', None), list):
+        return digest([(str(path), label, *_stat(path)) for path, label in data.samples])
+    return digest({'type': f'{type(data).__module__}.{type(data).__qualname__}', 'len': len(data)})
+
+
+def _stat(path: str):
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None
+
+
+def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, world: int = 1,
+              env: Optional[Dict[str, str]] = None) -> str:
     """Hash of everything a cached ``kind`` ('calibration' or 'loss') result depends on."""
     q = cfg.quantize
     act = asdict(q.a_qconfig)
@@ -61,7 +95,7 @@ def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, wor
         'kind': kind, 'format': FORMAT[kind], 'model': label, 'kwargs': cfg.model.kwargs, 'weights': weights,
         'images': images, 'seed': cfg.process.seed, 'calib_batch': cfg.data.batch_size,
         'quant': {'w': asdict(q.w_qconfig), 'a': act, 'fold_bn': q.fold_bn,
-                  'layer_bits': [asdict(r) for r in q.layer_bits]}}
+                  'layer_bits': [asdict(r) for r in q.layer_bits]}, 'env': env or {}}
     if kind == 'loss':
         recon = asdict(q.reconstruction)
         recon.pop('prefetch')  # where batches are gathered does not change the losses
@@ -75,14 +109,16 @@ def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, wor
 
 
 class RunCache:
-    """The cache folder of one run (``process.cache_dir``), keyed by the run's weights and images."""
+    """The cache folder of one run (``process.cache_dir``), keyed by the digests of the run's float weights
+    (``model_digest``) and calibration images (``images_id``) and by its ``environment``."""
 
-    def __init__(self, folder: str, cfg: Config, model: nn.Module, data_id: str, label: str, world: int = 1):
-        self.folder, self.cfg, self.world = folder, cfg, world
-        self.weights, self.images, self.label = model_digest(model), data_id, label
+    def __init__(self, folder: str, cfg: Config, weights: str, images: str, label: str, world: int = 1,
+                 env: Optional[Dict[str, str]] = None):
+        self.folder, self.cfg, self.world, self.env = folder, cfg, world, env or {}
+        self.weights, self.images, self.label = weights, images, label
 
     def path(self, kind: str) -> str:
-        key = cache_key(self.cfg, kind, self.weights, self.images, self.label, self.world)
+        key = cache_key(self.cfg, kind, self.weights, self.images, self.label, self.world, self.env)
         return os.path.join(self.folder, f'{kind}_{key}.' + ('pt' if kind == 'calibration' else 'json'))
 
     def calibration(self) -> Optional[Dict[str, torch.Tensor]]:

@@ -254,6 +254,11 @@ class ActQuantConfig(WeightQuantConfig):
                                                                    '(torch 2 clamp) or inclusive of qmin/qmax '
                                                                    '(torch 1, the published numbers)')
 
+    def check_section(self):
+        if self.per_channel:  # would fail only at the first unit, hours in: the step and the export are per tensor
+            raise ConfigError('must be false: activations are quantized per tensor (the reconstruction step and the '
+                              'ONNX export have no per-channel activation quantizer)', 'per_channel')
+
 
 @dataclass
 class LayerBits(Section):
@@ -349,8 +354,14 @@ class MrecgConfig(Section):
         if self.metric != 'none' and self.k == 0:
             raise ConfigError(f'is {self.metric} but mrecg.k is 0: set k >= 1 or mrecg.metric: none '
                               'for plain reconstruction', 'metric')
-        if self.metric == 'none' and self.k:
-            raise ConfigError('is set but mrecg.metric is none: choose modcap or loss', 'k')
+
+    def ignored(self) -> List[str]:
+        """Keys that have no effect under this section's other keys (said in the log and results, not refused:
+        ``--set mrecg.metric=none`` is how the baseline of an MRECG config is run)."""
+        if self.metric != 'none' or self.scheme:
+            return []
+        return [f'mrecg.{name} ({getattr(self, name)}) is ignored: mrecg.metric is none (plain reconstruction)'
+                for name in ('k', 'lam', 'max_group_size') if getattr(self, name)]
 
     @property
     def grouped(self) -> bool:
@@ -402,12 +413,54 @@ class Config(Section):
 
 
 # ---- files and overrides ---------------------------------------------------------------------------------
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags execute) with the scalars of YAML 1.2's core schema, which is what a
+    reader expects: ``1e-3`` is a number (YAML 1.1: a string), ``010`` is ten (1.1: octal eight), ``on``,
+    ``off``, ``yes`` and ``no`` are strings (1.1: booleans). Used for config files and ``--set`` alike."""
+
+
+class Yaml12Dumper(yaml.SafeDumper):
+    """The dumper whose quoting matches ``Yaml12Loader``: ``config.yaml`` reads back as it was written."""
+
+
+YAML12_SCALARS = [
+    ('tag:yaml.org,2002:bool', r'^(?:true|True|TRUE|false|False|FALSE)$', 'tTfF'),
+    ('tag:yaml.org,2002:int', r'^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$', '-+0123456789'),
+    ('tag:yaml.org,2002:float', r'^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?'
+                                r'|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$', '-+0123456789.'),
+]
+
+
+def _core_schema(cls) -> None:
+    """Replace the YAML 1.1 bool/int/float/timestamp resolvers of ``cls`` by the core schema's."""
+    import re as regex
+    replaced = {tag for tag, _, _ in YAML12_SCALARS} | {'tag:yaml.org,2002:timestamp'}  # dates stay strings
+    cls.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in replaced]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for tag, pattern, first in YAML12_SCALARS:
+        cls.add_implicit_resolver(tag, regex.compile(pattern), list(first))
+
+
+def _core_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    return int(text[2:], 8) if text.startswith('0o') else int(text, 16) if text.startswith('0x') else int(text, 10)
+
+
+_core_schema(Yaml12Loader)
+_core_schema(Yaml12Dumper)
+Yaml12Loader.add_constructor('tag:yaml.org,2002:int', _core_int)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass: no tags execute
+
+
 def read_yaml(path: str) -> Dict:
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = parse_yaml(f)
     except yaml.YAMLError as exc:
         mark = getattr(exc, 'problem_mark', None)
         where = f' line {mark.line + 1}' if mark else ''
@@ -452,7 +505,7 @@ def apply_overrides(data: Dict, overrides: Sequence[str]) -> Dict:
             raise ConfigError(f'--set expects key=value, got {item!r}')
         dotted, raw = item.split('=', 1)
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = data
@@ -482,7 +535,7 @@ def as_config(config: Union[Config, Dict[str, Any], str, None]) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=Yaml12Dumper, sort_keys=False)
 
 
 def resolve_path(path: Optional[str]) -> Optional[str]:

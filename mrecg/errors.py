@@ -6,6 +6,10 @@ class UserError(Exception):
     """Bad input (config, paths, checkpoint, model, data, device). The message says what to change."""
 
 
+class NotResumable(UserError):
+    """A ``--resume`` that would continue the run on other inputs or settings than it started with."""
+
+
 class ConfigError(UserError):
     """The configuration is malformed or inconsistent.
 

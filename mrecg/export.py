@@ -173,6 +173,11 @@ def _pool(w: _Writer, name: str, m: nn.Module, x: str) -> str:
         return w.node('GlobalAveragePool', [x], name)
     if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != [1, 1]:
         raise ExportError(f'export: {name} is a dilated max pool; not written')
+    if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
+        raise ExportError(f'export: {name} is an average pool with divisor_override={m.divisor_override}; ONNX '
+                          'AveragePool divides by the window size, so it is not written')
+    if isinstance(m, nn.MaxPool2d) and m.return_indices:
+        raise ExportError(f'export: {name} is a max pool that returns indices; not written')
     p = _pair(m.padding)
     attrs = dict(kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride or m.kernel_size), pads=p + p,
                  ceil_mode=int(bool(m.ceil_mode)))
@@ -202,8 +207,8 @@ def _module(w: _Writer, name: str, m: nn.Module, x: str) -> str:
         return _activation(w, name, ACTIVATIONS[type(m)], x, getattr(m, 'negative_slope', None))
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return _pool(w, name, m, x)
-    if isinstance(m, nn.Flatten) and m.end_dim == -1:
-        return w.node('Flatten', [x], name, axis=m.start_dim)
+    if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1):  # ONNX Flatten always gives 2-D
+        return w.node('Flatten', [x], name, axis=1)
     raise ExportError(f'export: module {name} ({type(m).__name__}) has no ONNX form in the exporter')
 
 
@@ -232,7 +237,7 @@ def _function(w: _Writer, node: fx.Node, args: List[Any]) -> str:
         return w.node('Add', args, name)
     if t in (operator.mul, torch.mul) and len(args) == 2 and all(isinstance(a, str) for a in args):
         return w.node('Mul', args, name)
-    if t is torch.flatten and (args[1:] in ([1], [1, -1]) or node.kwargs.get('start_dim') == 1):
+    if t is torch.flatten and _flatten_dims(args, node.kwargs) == (1, -1):
         return w.node('Flatten', [args[0]], name, axis=1)
     if t is torch.nn.functional.relu:
         return w.node('Relu', [args[0]], name)
@@ -249,6 +254,14 @@ def _function(w: _Writer, node: fx.Node, args: List[Any]) -> str:
     raise ExportError(f'export: function {getattr(t, "__name__", t)} at {name} has no ONNX form in the exporter')
 
 
+def _flatten_dims(args: List[Any], kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
+    """(start_dim, end_dim) of a traced ``torch.flatten(x, ...)`` or ``x.flatten(...)``, positional or keyword.
+    Only (1, -1) is ONNX's Flatten(axis=1); anything else is refused rather than written differently."""
+    start = args[1] if len(args) > 1 else kwargs.get('start_dim', 0)
+    end = args[2] if len(args) > 2 else kwargs.get('end_dim', -1)
+    return start, end
+
+
 def _method(w: _Writer, node: fx.Node, args: List[Any]) -> str:
     name, x = node.name, args[0]
     if node.target == 'mean':
@@ -256,7 +269,7 @@ def _method(w: _Writer, node: fx.Node, args: List[Any]) -> str:
         dims = [dims] if isinstance(dims, int) else list(dims)
         keep = int(bool(args[2] if len(args) > 2 else node.kwargs.get('keepdim', False)))
         return w.node('ReduceMean', [x, w.const(f'{name}.axes', np.array(dims, np.int64))], name, keepdims=keep)
-    if node.target == 'flatten' and (args[1:] in ([1], [1, -1]) or node.kwargs.get('start_dim') == 1):
+    if node.target == 'flatten' and _flatten_dims(args, node.kwargs) == (1, -1):
         return w.node('Flatten', [x], name, axis=1)
     raise ExportError(f'export: method .{node.target}() at {name} has no ONNX form in the exporter')
 
@@ -294,6 +307,20 @@ def build_onnx(qmodel: fx.GraphModule, sample: torch.Tensor, quantized: bool = T
                               w.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', OPSET)], producer_name='mrecg')
     return model, w.weight_types
+
+
+def check_exportable(qmodel: fx.GraphModule, sample: Optional[torch.Tensor]) -> None:
+    """Before any heavy work: the exporter can write every node of the prepared (not yet calibrated) model,
+    and onnx / onnxruntime are installed. Raises ``ExportError`` / ``UserError`` naming what is missing."""
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f'--export onnx needs {exc.name}: pip install onnx onnxruntime') from None
+    if sample is None:
+        raise ExportError('export: the calibration data gives no sample image to size the graph with')
+    model, _ = build_onnx(qmodel, sample, quantized=True)
+    onnx.checker.check_model(model)
 
 
 # ---- checking in onnxruntime ------------------------------------------------------------------------------

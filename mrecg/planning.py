@@ -131,6 +131,7 @@ def choose_groups(cfg: Config, partition: UnitPartition, loss_metric: Callable[[
     info = GroupingInfo(m.metric, m.k, m.lam, m.max_group_size,
                         options={k: getattr(m, k) for k in ('k', 'difference', 'pairs', 'exclude_classifier',
                                                             'group_iterations')})
+    info.notes.extend(m.ignored())
     spans: List[Span] = []
     if m.scheme:
         spans = scheme_spans(cfg, units)

@@ -91,7 +91,20 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + '\n')
 
 
+def on_cpu(obj: Any) -> Any:
+    """Every tensor in ``obj`` (dicts, lists, tuples) moved to the CPU: saved files load on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def save_torch(path: str, obj: Any) -> None:
+    """``torch.save`` atomically, with every tensor on the CPU (a GPU run's files load without a GPU)."""
+    obj = on_cpu(obj)
     _atomic(path, lambda f: torch.save(obj, f))
 
 

@@ -5,22 +5,23 @@ any heavy work. After each reconstructed unit the run state is written atomicall
 so ``--resume`` continues from the last finished unit and ends with the same numbers.
 """
 import hashlib
+import json
 import logging
 import os
 import platform
+import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from mrecg.api import QuantizationResult, RunState, quantize
-from mrecg.caching import data_config_id
+from mrecg.api import ProbeState, QuantizationResult, RunState, quantize, resolve_device
 from mrecg.config import Config, dump_config, resolve_path
 from mrecg.data import check_data, check_items, dataset
 from mrecg.distributed import current
-from mrecg.errors import UserError
+from mrecg.errors import NotResumable, UserError
 from mrecg.evaluation import Accuracy
 from mrecg.planning import GroupingInfo, prepare, validate_grouping
 from mrecg.reconstruction import GroupResult
@@ -32,7 +33,9 @@ log = logging.getLogger('mrecg')
 CONFIG, RESULTS, CSV, PLOT, STATE, LOG, QMODEL = ('config.yaml', 'results.json', 'results.csv', 'loss_curve.png',
                                                   'checkpoint.pt', 'run.log', 'quantized_model.pt')
 ONNX, FLOAT_ONNX = 'model.onnx', 'model.float.onnx'  # export_onnx names the float twin after ONNX
-STATE_FORMAT = 3  # 3: typed run state (GroupingInfo fields) from the Python API
+PREVIOUS = 'previous_run'  # --overwrite keeps the finished run here until the new one has succeeded
+RUN_FILES = (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX)
+STATE_FORMAT = 4  # 4: phases (started, calibrated, probe, reconstruction), weights/images digests
 
 
 # ---- model and data --------------------------------------------------------------------------------------
@@ -85,8 +88,9 @@ def open_data(cfg: Config) -> Tuple[Any, Optional[Any]]:
 # ---- output folder and run state -------------------------------------------------------------------------
 def prepare_output_dir(path: str, resume: bool, overwrite: bool, write: bool = True) -> None:
     """Never silently overwrite: a finished run needs --overwrite; an unfinished one --resume or --overwrite.
-    The folder must be writable (checked now, not after hours of work). ``write=False`` (ranks > 0 of a
-    data-parallel run) only checks."""
+    The folder must be writable (checked now, not after hours of work). ``--overwrite`` of a finished run moves
+    its files to ``previous_run/``, removed only once the new run has written its results. ``write=False``
+    (ranks > 0 of a data-parallel run) only checks. Call it holding the folder's lock (``mrecg.locking``)."""
     finished = os.path.isfile(os.path.join(path, RESULTS))
     unfinished = os.path.isfile(os.path.join(path, STATE))
     if resume:
@@ -104,9 +108,29 @@ def prepare_output_dir(path: str, resume: bool, overwrite: bool, write: bool = T
         return
     check_writable(path)
     if overwrite and not resume:
-        for name in (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX):
+        if finished:
+            keep_previous(path)
+        for name in RUN_FILES:  # an unfinished run's files (a finished run's are in previous_run/ now)
             if os.path.exists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
+
+
+def keep_previous(path: str) -> None:
+    """Move a finished run's files into ``path/previous_run/`` (replacing an older one there)."""
+    previous = os.path.join(path, PREVIOUS)
+    if os.path.isdir(previous):
+        shutil.rmtree(previous)
+    os.makedirs(previous)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(path, name)):
+            os.replace(os.path.join(path, name), os.path.join(previous, name))
+    log.info('--overwrite: the finished run is kept in %s until this one succeeds', previous)
+
+
+def previous_results(path: Optional[str]) -> Optional[str]:
+    """The folder holding the finished run an --overwrite has not yet replaced, if any."""
+    previous = os.path.join(path, PREVIOUS) if path else None
+    return previous if previous and os.path.isfile(os.path.join(previous, RESULTS)) else None
 
 
 def check_writable(path: str) -> None:
@@ -121,73 +145,102 @@ def check_writable(path: str) -> None:
                         '(choose another --output)') from None
 
 
-def file_digest(path: str) -> str:
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def config_digest(cfg: Config) -> str:
+    """The digest of the resolved config in memory (not of whatever ``config.yaml`` holds at the time)."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_state(output: str, state: RunState) -> None:
+def mark_started(output: str, digest: str) -> None:
+    """A checkpoint from the first second: the folder counts as unfinished (resumable) at once."""
+    save_torch(os.path.join(output, STATE), {'format': STATE_FORMAT, 'config': digest, 'phase': 'started'})
+
+
+def save_state(output: str, digest: str, state: RunState) -> None:
+    probe = state.probe and {'results': [asdict(r) for r in state.probe.results], 'hardened': state.probe.hardened,
+                             'qmodel': state.probe.qmodel_state}
     save_torch(os.path.join(output, STATE), {
-        'format': STATE_FORMAT, 'config': file_digest(os.path.join(output, CONFIG)),
+        'format': STATE_FORMAT, 'config': digest, 'phase': state.phase, 'weights': state.weights,
+        'images': state.images, 'eval_data': state.eval_data,
         'fp_accuracy': asdict(state.fp_accuracy) if state.fp_accuracy else None,
-        'grouping': asdict(state.grouping), 'results': [asdict(r) for r in state.results],
-        'hardened': state.hardened, 'qmodel': state.qmodel_state, 'elapsed': state.elapsed,
-        'world_size': state.world_size})
+        'grouping': asdict(state.grouping) if state.grouping else None,
+        'results': [asdict(r) for r in state.results], 'hardened': state.hardened, 'qmodel': state.qmodel_state,
+        'probe': probe, 'elapsed': state.elapsed, 'world_size': state.world_size})
 
 
-def load_state(output: str) -> Optional[RunState]:
+def load_state(output: str, digest: str) -> Optional[RunState]:
+    """The saved state, checked against the config the run was started with; None when the run had not got
+    past its start (it starts over, in the same folder)."""
     path = os.path.join(output, STATE)
     if not os.path.isfile(path):
         return None
     try:
         raw = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:
-        raise UserError(f'cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); '
+        raise NotResumable(f'cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); '
                         'start over with --overwrite') from None
     if not isinstance(raw, dict) or raw.get('format') != STATE_FORMAT:
-        raise UserError(f'{path} was written by another version of the engine, whose numbers differ; '
+        raise NotResumable(f'{path} was written by another version of the engine, whose numbers differ; '
                         'start over with --overwrite')
-    if raw.get('config') != file_digest(os.path.join(output, CONFIG)):
-        raise UserError(f'{path} does not belong to {os.path.join(output, CONFIG)} (was the config edited?); '
+    if raw.get('config') != digest:
+        raise NotResumable(f'{path} does not belong to {os.path.join(output, CONFIG)} (was the config edited?); '
                         'start over with --overwrite')
-    fp = raw['fp_accuracy']
-    return RunState(Accuracy(**fp) if fp else None, GroupingInfo(**raw['grouping']),
+    if raw['phase'] == 'started':
+        return None
+    fp, g, p = raw['fp_accuracy'], raw['grouping'], raw['probe']
+    probe = p and ProbeState([GroupResult(**r) for r in p['results']], p['hardened'], p['qmodel'])
+    return RunState(Accuracy(**fp) if fp else None, GroupingInfo(**g) if g else None,
                     [GroupResult(**r) for r in raw['results']], raw['hardened'], raw['qmodel'], raw['elapsed'],
-                    raw.get('world_size', 1))
+                    raw['world_size'], raw['phase'], raw['weights'], raw['images'], raw['eval_data'], probe)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def check_run(cfg: Config) -> Tuple[nn.Module, Any, Optional[Any]]:
-    """Everything that can be checked before heavy work: model, checkpoint, data, units, groups."""
+def check_run(cfg: Config, export: bool = False) -> Tuple[nn.Module, Any, Optional[Any]]:
+    """Everything that can be checked before heavy work: model, checkpoint, data, units, groups, and with
+    ``export`` whether the exporter can write the quantized graph (built from the uncalibrated model)."""
     model = build_float_model(cfg)
     train, val = open_data(cfg)
-    validate_grouping(cfg, prepare(model, cfg))
+    prepared = prepare(model, cfg)
+    validate_grouping(cfg, prepared)
+    if export:
+        from mrecg.data import sample_input
+        from mrecg.export import check_exportable
+        check_exportable(prepared.qmodel, sample_input(train))
     return model, train, val
 
 
 def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, resume: bool = False,
         progress: bool = True, export: bool = False) -> Dict[str, Any]:
-    """Quantize into ``output`` (checked by ``prepare_output_dir``); returns the results record. With
-    ``export`` the result is also written as ONNX and checked in onnxruntime (``export_folder``). In a
-    data-parallel run every rank calls this and rank 0 alone writes."""
+    """Quantize into ``output`` (checked by ``prepare_output_dir``, under the folder's lock); returns the results
+    record. With ``export`` the result is also written as ONNX and checked in onnxruntime (``export_folder``).
+    In a data-parallel run every rank calls this and rank 0 alone writes."""
     main = current().main
-    config_path = os.path.join(output, CONFIG)
-    if main and (not resume or not os.path.isfile(config_path)):
-        write_text(config_path, dump_config(cfg))
-    state = load_state(output) if resume else None
+    digest = config_digest(cfg)
+    state = load_state(output, digest) if resume else None
+    if main:
+        write_text(os.path.join(output, CONFIG), dump_config(cfg))
+        if state is None:
+            mark_started(output, digest)
     if state:
-        log.info('resuming %s: %d units already reconstructed', output, len(state.results))
+        log.info('resuming %s after the %s phase (%d units reconstructed)', output, state.phase, len(state.results))
     log.info('model %s %s, checkpoint %s, device %s', cfg.model.type, cfg.model.kwargs, cfg.model.path, device)
     result = quantize(model, train, cfg, val, device=device, progress=progress, cache_dir=cfg.process.cache_dir,
-                      data_id=data_config_id(cfg), resume=state, on_unit_done=lambda s: save_state(output, s))
+                      resume=state, on_unit_done=lambda s: save_state(output, digest, s))
     record = results_record(cfg, result)
     record['peak_rss_mb_per_rank'] = current().gather(round(peak_rss_bytes() / 2 ** 20, 1))
     if main:
         save_torch(os.path.join(output, QMODEL), result.model.state_dict())
         write_outputs(output, cfg, result, record)
+        discard_previous(output)
         if export:
             export_folder(output, cfg, result.model, train, val, record)
     return record
+
+
+def discard_previous(output: str) -> None:
+    """The new run has its results: the finished run an --overwrite kept is no longer needed."""
+    previous = os.path.join(output, PREVIOUS)
+    if os.path.isdir(previous):
+        shutil.rmtree(previous)
 
 
 def peak_rss_bytes() -> int:
@@ -279,9 +332,19 @@ def csv_row(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def cached_plan_losses(cfg: Config, model: nn.Module, unit_names: List[str]) -> Optional[List[float]]:
-    """The loss metric's probe losses, if a full run with this config cached them (for --plan)."""
-    from mrecg.caching import RunCache
+    """The loss metric's probe losses, if a full run with this config cached them (for --plan). The cache is
+    keyed by the calibration images' content, so they are drawn (the data must be there)."""
+    from mrecg.caching import RunCache, environment, images_id, model_digest
+    from mrecg.data import calibration_images
     if cfg.mrecg.metric != 'loss':
         return None
-    return RunCache(cfg.process.cache_dir, cfg, model, data_config_id(cfg), cfg.model.type).unit_losses(unit_names)
-
+    try:
+        train, _ = open_data(replace(cfg, data=replace(cfg.data, evaluate=False)))
+    except UserError as exc:
+        raise UserError(f'mrecg.metric loss: --plan looks the probe losses up by the calibration images, so it '
+                        f'needs the data ({exc})') from None
+    d = cfg.data
+    images = calibration_images(train, cfg.quantize.cali_size, cfg.process.seed, d.batch_size, d.num_workers)
+    env = environment(resolve_device(cfg.process.device))
+    return RunCache(cfg.process.cache_dir, cfg, model_digest(model), images_id(images), cfg.model.type,
+                    env=env).unit_losses(unit_names)

@@ -3,7 +3,7 @@
 # plus MRECG with the loss metric on the MobileNetV2 model (issue 3). Two lanes of sweeps run side by side,
 # one thread each (two torch processes with default threads oversubscribe a 2-core machine).
 # Finished runs are skipped, so re-running continues where it stopped. Then:
-#   python scripts/collect_results.py outputs/fashion --out outputs/fashion/table
+#   mrecg collect outputs/fashion --out outputs/fashion/table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -18,7 +18,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 run() {  # $1 = model (mbv2 | resnet), $2 = bit pairs, $3 = methods; then the MRECG variants via --grouping
   local cfg=configs/fashion/$1_2_4.yaml bits=$2 methods=$3; shift 3
-  $PY scripts/sweep.py --configs "$cfg" --bits $bits --methods $methods --seeds $SEEDS --out "$OUT" "${COMMON[@]}" "$@"
+  $PY -m mrecg sweep --configs "$cfg" --bits $bits --methods $methods --seeds $SEEDS --out "$OUT" "${COMMON[@]}" "$@"
 }
 ALL="nearest adaround brecq qdrop mrecg+brecq mrecg+qdrop"
 MQ="mqbench-brecq mqbench-qdrop"

@@ -23,7 +23,7 @@ RECIPES = {  # epochs, batch size, peak lr, weight decay
     'digits': (40, 64, 3e-3, 5e-4),
     'fashion_mnist': (8, 128, 3e-3, 5e-4),
 }
-EPOCHS = {'resnet18': 3}  # the ImageNet ResNet-18 (for bench_reconstruction.py) learns Fashion-MNIST fast
+EPOCHS = {'resnet18': 3}  # the ImageNet ResNet-18 (for mrecg bench) learns Fashion-MNIST fast
 MODEL_KWARGS = {  # the configs and benchmarks pass the same kwargs
     ('mobilenet_v2_small', 'fashion_mnist'): {'stem_stride': 2},
     ('resnet_small', 'fashion_mnist'): {'stem_stride': 2},

@@ -87,7 +87,7 @@ def test_cli_export_and_the_folder_script_agree(tmp_path, capsys):
     e = r['export']
     assert e['fake_quant_top1'] == r['quant_top1'] and e['onnxruntime_top1'] == r['quant_top1']
     assert os.path.isfile(out / 'model.onnx') and os.path.isfile(out / 'model.float.onnx')
-    again = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'export.py'), str(out)],
+    again = subprocess.run([sys.executable, '-m', 'mrecg', 'export', str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     e2 = json.loads((out / 'results.json').read_text())['export']

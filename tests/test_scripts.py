@@ -41,22 +41,28 @@ def _script(name, *args):
                           capture_output=True, text=True, timeout=600)
 
 
+def _mrecg(*args):
+    """The installed ``mrecg`` command, as ``python -m mrecg``."""
+    return subprocess.run([sys.executable, '-m', 'mrecg', *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
 def test_sweep_then_collect_on_digits(tmp_path):
     out = str(tmp_path / 'sweep')
     args = ['--configs', 'configs/digits/mbv2_2_4.yaml', '--bits', '2_4', '--methods', 'qdrop', 'mrecg+qdrop',
             'mqbench-qdrop', '--grouping', 'modcap', '--k', '2', '--seeds', '1', '2', '--out', out, '--set',
             'quantize.reconstruction.iterations=4', 'quantize.cali_size=64', 'data.eval_limit=100',
             'data.batch_size=64']
-    first = _script('sweep.py', *args)
+    first = _mrecg('sweep', *args)
     assert first.returncode == 0, first.stdout + first.stderr
     assert '6 run, 0 already finished, 0 failed' in first.stdout
     found = sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, '**', 'results.json'), recursive=True))
     assert found == [f'digits_mbv2_2_4_w2a4/{m}/seed{s}/results.json' for m in
                      ('mqbench-qdrop', 'mrecg+qdrop_modcap_k2', 'qdrop') for s in (1, 2)]
-    again = _script('sweep.py', *args)
+    again = _mrecg('sweep', *args)
     assert again.returncode == 0 and '0 run, 6 already finished' in again.stdout
 
-    table = _script('collect_results.py', out)
+    table = _mrecg('collect', out)
     assert table.returncode == 0, table.stderr
     md = open(os.path.join(out, 'table.md')).read()
     top1_table = md.split('Max per-unit reconstruction loss')[0]
@@ -100,7 +106,7 @@ def test_kernel_benchmark_prints_every_figure():
 
 
 def test_reconstruction_benchmark_bad_input_is_one_line():
-    run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--set',
+    run = _mrecg('bench', '--config', 'configs/digits/mbv2_2_4.yaml', '--set',
                   'model.path=models/checkpoints/nope.pth')
     assert run.returncode == 2, run.stdout + run.stderr
     assert 'checkpoint file not found' in run.stderr and 'Traceback' not in run.stderr
@@ -109,7 +115,7 @@ def test_reconstruction_benchmark_bad_input_is_one_line():
 
 def test_reconstruction_benchmark_runs_both_engines():
     """The benchmark drives the engine's internals; it must keep working when they change."""
-    run = _script('bench_reconstruction.py', '--config', 'configs/digits/mbv2_2_4.yaml', '--iters', '2', '--warmup', '1',
+    run = _mrecg('bench', '--config', 'configs/digits/mbv2_2_4.yaml', '--iters', '2', '--warmup', '1',
                   '--seeds', '1', '2', '--set', 'quantize.cali_size=64', 'data.eval_limit=64', 'data.batch_size=64')
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     table = {line.split()[0]: line.split() for line in run.stdout.splitlines()
@@ -131,9 +137,9 @@ def test_ray_sweep_matches_serial_and_reports_failures(tmp_path):
     args = ['--configs', 'configs/digits/mbv2_2_4.yaml', '--methods', 'qdrop', '--seeds', '1', '2', '--set',
             'quantize.reconstruction.iterations=20', 'quantize.cali_size=64', 'data.eval_limit=100',
             'data.batch_size=64']
-    serial = _script('sweep.py', *args, '--out', str(tmp_path / 'serial'))
+    serial = _mrecg('sweep', *args, '--out', str(tmp_path / 'serial'))
     assert serial.returncode == 0, serial.stdout + serial.stderr
-    ray = _script('sweep.py', *args[:2], str(bad), *args[2:], '--out', str(tmp_path / 'ray'), '--ray')
+    ray = _mrecg('sweep', *args[:2], str(bad), *args[2:], '--out', str(tmp_path / 'ray'), '--ray')
     assert ray.returncode == 1, ray.stdout + ray.stderr
     assert '2 run, 0 already finished, 2 failed' in ray.stdout, ray.stdout + ray.stderr[-3000:]
     failed = ray.stdout.split(' failed in ')[1]
@@ -144,12 +150,12 @@ def test_ray_sweep_matches_serial_and_reports_failures(tmp_path):
         assert two['quant_top1'] == one['quant_top1']
         # each task runs 1 torch thread, the serial run 2: CPU reductions split by thread may differ in the last bits
         assert [u['loss'] for u in two['units']] == pytest.approx([u['loss'] for u in one['units']], rel=1e-4)
-    again = _script('sweep.py', *args, '--out', str(tmp_path / 'ray'), '--ray')
+    again = _mrecg('sweep', *args, '--out', str(tmp_path / 'ray'), '--ray')
     assert again.returncode == 0 and '0 run, 2 already finished' in again.stdout and 'ray:' not in again.stdout
 
 
 def test_bench_synthetic_mode_times_both_engines_on_random_images():
-    run = _script('bench_reconstruction.py', '--synthetic', 'resnet_small', '--batch', '4', '--iters', '1',
+    run = _mrecg('bench', '--synthetic', 'resnet_small', '--batch', '4', '--iters', '1',
                   '--input-size', '28')
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines() if line.startswith('resnet_small ') and 'speedup' not in line]
@@ -162,7 +168,7 @@ def test_bench_synthetic_mode_times_both_engines_on_random_images():
 
 def test_sweep_variants_are_named_folders_and_bad_ones_are_refused(tmp_path):
     out = str(tmp_path / 'v')
-    run = _script('sweep.py', '--configs', 'configs/digits/mbv2_2_4.yaml', '--methods', 'qdrop', 'mrecg+qdrop',
+    run = _mrecg('sweep', '--configs', 'configs/digits/mbv2_2_4.yaml', '--methods', 'qdrop', 'mrecg+qdrop',
                   '--variant', 'safe', 'mrecg.exclude_classifier=true', 'mrecg.difference=log',
                   '--variant', 'auto', 'mrecg.metric=loss', 'mrecg.k=auto', '--seeds', '1', '--out', out, '--dry-run')
     assert run.returncode == 0, run.stderr
@@ -171,7 +177,7 @@ def test_sweep_variants_are_named_folders_and_bad_ones_are_refused(tmp_path):
     safe = next(line for line in lines if '/mrecg+qdrop_safe/seed1' in line)
     assert 'mrecg.exclude_classifier=true mrecg.difference=log' in safe
     assert any('/mrecg+qdrop_auto/seed1' in line and 'mrecg.k=auto' in line for line in lines)
-    bad = _script('sweep.py', '--configs', 'configs/digits/mbv2_2_4.yaml', '--variant', 'safe', 'exclude',
+    bad = _mrecg('sweep', '--configs', 'configs/digits/mbv2_2_4.yaml', '--variant', 'safe', 'exclude',
                   '--out', out, '--dry-run')
     assert bad.returncode == 2 and '--variant takes a name then KEY=VALUE overrides' in bad.stderr
 
@@ -181,7 +187,7 @@ def test_scheme_study_runs_random_schemes_and_correlates(tmp_path):
     args = ['--config', 'configs/digits/mbv2_2_4.yaml', '--schemes', '3', '--seeds', '1', '--out', out, '--set',
             'quantize.reconstruction.iterations=4', 'quantize.cali_size=64', 'data.eval_limit=100',
             'data.batch_size=64', 'mrecg.probe_iterations=4', f'process.cache_dir={tmp_path / "cache"}']
-    run = _script('scheme_study.py', *args)
+    run = _mrecg('study', 'schemes', *args)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ('schemes.md', 'schemes.csv', 'chain.png'):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -203,7 +209,7 @@ def test_scheme_study_runs_random_schemes_and_correlates(tmp_path):
     best = max(rows, key=lambda r: (float(r['top1']), -int(r['merged_pairs'])))
     assert best['pareto'] == 'True'
     before = open(os.path.join(out, 'schemes.csv')).read()
-    again = _script('scheme_study.py', *args)  # finished runs are reused: the same table, nothing rerun
+    again = _mrecg('study', 'schemes', *args)  # finished runs are reused: the same table, nothing rerun
     assert again.returncode == 0 and 'running' not in again.stdout
     assert open(os.path.join(out, 'schemes.csv')).read() == before
 
@@ -213,7 +219,7 @@ def test_scheme_study_runs_random_schemes_and_correlates(tmp_path):
     ('batch', ['together_x1', 'together_x2', 'images_x2', 'batch_x2'])])
 def test_ablation_study_runs_each_variant_with_its_sizes(study, expected, tmp_path):
     out = str(tmp_path / study)
-    run = _script('ablation_study.py', '--config', 'configs/digits/resnet_2_4.yaml', '--study', study,
+    run = _mrecg('study', 'ablation', '--config', 'configs/digits/resnet_2_4.yaml', '--study', study,
                   '--factors', '1', '2', '--expand', '2', '--seeds', '1', '--out', out, '--set',
                   'quantize.reconstruction.iterations=4', 'quantize.cali_size=64', 'data.eval_limit=100',
                   'data.batch_size=64', 'quantize.reconstruction.batch_size=16')

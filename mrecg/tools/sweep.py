@@ -1,19 +1,18 @@
-#!/usr/bin/env python
 """Run configs x methods (x grouping x k) x seeds, each into its own folder; finished runs are skipped,
-interrupted ones resumed. Then tabulate with scripts/collect_results.py.
+interrupted ones resumed. Then tabulate with mrecg collect.
 
-    python scripts/sweep.py --configs configs/qdrop/res18_*.yaml --methods qdrop mrecg+qdrop --out outputs/r18
-    python scripts/sweep.py --configs configs/fashion/mbv2_2_4.yaml --methods mrecg+qdrop --grouping modcap loss \\
+    mrecg sweep --configs configs/qdrop/res18_*.yaml --methods qdrop mrecg+qdrop --out outputs/r18
+    mrecg sweep --configs configs/fashion/mbv2_2_4.yaml --methods mrecg+qdrop --grouping modcap loss \\
         --k 2 3 4 --seeds 1 2 3 --out outputs/k_sweep
-    python scripts/sweep.py --configs configs/digits/mbv2_2_4.yaml --bits 4_4 2_4 3_3 2_2 --methods qdrop --out o
-    python scripts/sweep.py --configs configs/fashion/resnet_2_4.yaml --methods qdrop mrecg+qdrop \\
+    mrecg sweep --configs configs/digits/mbv2_2_4.yaml --bits 4_4 2_4 3_3 2_2 --methods qdrop --out o
+    mrecg sweep --configs configs/fashion/resnet_2_4.yaml --methods qdrop mrecg+qdrop \\
         --variant safe mrecg.exclude_classifier=true mrecg.difference=log --out outputs/safe
-    python scripts/sweep.py ... --ray                  # every run a Ray task on a local Ray instance
-    python scripts/sweep.py ... --ray ray://head:10001  # ... on an existing cluster (shared filesystem)
+    mrecg sweep ... --ray                  # every run a Ray task on a local Ray instance
+    mrecg sweep ... --ray ray://head:10001  # ... on an existing cluster (shared filesystem)
 
 Methods: nearest, adaround (layer-wise), brecq, qdrop, mrecg+brecq, mrecg+qdrop (grouping from --grouping:
 config = as the config says, authors = the published scheme, modcap or loss with each --k), and
-mqbench-brecq, mqbench-qdrop (MQBench's own ptq_reconstruction, scripts/run_mqbench.py).
+mqbench-brecq, mqbench-qdrop (MQBench's own ptq_reconstruction, mrecg baseline).
 --variant NAME KEY=VALUE... adds a named set of overrides as one more grouping.
 Folder: <out>/<config name>[_w<W>a<A>]/<method>[_<grouping>[_k<k>] | _<variant>]/seed<seed>/
 
@@ -28,7 +27,10 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mrecg.config import PROJECT_ROOT
+
+QUANTIZE = [sys.executable, '-m', 'mrecg', 'quantize']  # the installed tool: no clone needed
+BASELINE = [sys.executable, '-m', 'mrecg', 'baseline']
 PLAIN = ['mrecg.metric=none', 'mrecg.k=0', 'mrecg.scheme=null']
 METHODS = {
     'nearest': ['quantize.reconstruction.enabled=false', *PLAIN],
@@ -59,7 +61,7 @@ def grouping_variants(method, groupings, ks, named=()):
 
 
 def config_name(path):
-    rel = os.path.relpath(os.path.abspath(path), os.path.join(ROOT, 'configs'))
+    rel = os.path.relpath(os.path.abspath(path), os.path.join(PROJECT_ROOT, 'configs'))
     rel = os.path.basename(path) if rel.startswith('..') else rel
     return os.path.splitext(rel)[0].replace(os.sep, '_')
 
@@ -81,11 +83,11 @@ def plan_runs(args):
 def command(cfg, method, out, sets, progress):
     flags = [] if progress else ['--no-progress']
     if method.startswith('mqbench'):
-        return [sys.executable, os.path.join(ROOT, 'scripts', 'run_mqbench.py'), '--config', cfg, '--output', out,
+        return [*BASELINE, '--config', cfg, '--output', out,
                 '--set', *sets, *flags]
     if os.path.isfile(os.path.join(out, 'checkpoint.pt')):
-        return [sys.executable, os.path.join(ROOT, 'ptq_main.py'), '--resume', out, *flags]
-    return [sys.executable, os.path.join(ROOT, 'ptq_main.py'), '--config', cfg, '--output', out, '--set', *sets,
+        return [*QUANTIZE, '--resume', out, *flags]
+    return [*QUANTIZE, '--config', cfg, '--output', out, '--set', *sets,
             *flags]
 
 
@@ -93,12 +95,13 @@ class SweepStopped(Exception):
     """The sweep cannot go on (the Ray cluster went away); the message is one line."""
 
 
-def run_command(cmd, threads=None, progress=False):
-    """Run one sweep command; (exit code, stdout, stderr). ``threads`` caps torch's threads (Ray tasks);
-    with ``progress`` its stderr (the progress bars) goes to the terminal and '' is returned for it."""
+def run_command(cmd, threads=None, progress=False, cwd=None):
+    """Run one sweep command in ``cwd`` (the sweep's own folder: relative paths mean the same to every run);
+    (exit code, stdout, stderr). ``threads`` caps torch's threads (Ray tasks); with ``progress`` its stderr
+    (the progress bars) goes to the terminal and '' is returned for it."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
-                          text=True, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                          text=True, env=env, cwd=cwd)
     return proc.returncode, proc.stdout, proc.stderr or ''
 
 
@@ -128,7 +131,7 @@ def run_ray(jobs, address, cpus):
     try:
         gpus = 1 if ray.cluster_resources().get('GPU', 0) >= 1 else 0
         task = ray.remote(run_command).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-        pending = {task.remote(cmd, cpus): tag for tag, cmd in jobs}
+        pending = {task.remote(cmd, cpus, False, os.getcwd()): tag for tag, cmd in jobs}
         print(f'ray: {len(pending)} runs as tasks ({"1 GPU" if gpus else f"{cpus} CPU"} each) on '
               f'{ray.cluster_resources().get("CPU", 0):.0f} CPUs, {ray.cluster_resources().get("GPU", 0):.0f} GPUs',
               flush=True)
@@ -146,8 +149,9 @@ def run_ray(jobs, address, cpus):
         ray.shutdown()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='mrecg sweep', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--configs', nargs='+', required=True)
     p.add_argument('--methods', nargs='+', default=['qdrop', 'mrecg+qdrop'], choices=list(METHODS))
     p.add_argument('--grouping', nargs='+', choices=['config', 'authors', 'modcap', 'loss'],
@@ -164,6 +168,11 @@ def main(argv=None) -> int:
     p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
                    help='run every run as a Ray task: on a local Ray instance, or on the cluster at ADDRESS')
     p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.grouping is None:
         args.grouping = [] if args.variant else ['config']

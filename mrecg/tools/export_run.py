@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Export a finished run folder to ONNX and check it in onnxruntime (what ``ptq_main.py --export onnx`` does
 at the end of a run).
 
-    python scripts/export.py outputs/demo/digits_qdrop_2_4
+    mrecg export outputs/demo/digits_qdrop_2_4
 
 Rebuilds the model from ``DIR/config.yaml``, loads ``DIR/quantized_model.pt``, writes ``DIR/model.onnx`` and
 ``DIR/model.float.onnx``, evaluates both engines on the config's evaluation data, adds ``export`` to
@@ -19,14 +18,21 @@ import torch
 from mrecg.cli import export_line
 from mrecg.config import load_config
 from mrecg.errors import UserError
+from mrecg.locking import FolderLock
 from mrecg.planning import prepare
 from mrecg.quantization import enable_quantization, load_quantized_state
 from mrecg.runner import CONFIG, QMODEL, RESULTS, build_float_model, export_folder, open_data
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='mrecg export', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('folder', help='a finished ptq_main.py output folder')
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     try:
         for name in (CONFIG, QMODEL, RESULTS):
@@ -39,9 +45,10 @@ def main(argv=None) -> int:
         state = torch.load(os.path.join(args.folder, QMODEL), map_location='cpu', weights_only=True)
         load_quantized_state(prepared.qmodel, state)
         enable_quantization(prepared.qmodel)
-        with open(os.path.join(args.folder, RESULTS)) as f:
-            record = json.load(f)
-        report = export_folder(args.folder, cfg, prepared.qmodel, train, val, record)
+        with FolderLock(args.folder):  # a run still writing the folder, or another export, is refused
+            with open(os.path.join(args.folder, RESULTS)) as f:
+                record = json.load(f)
+            report = export_folder(args.folder, cfg, prepared.qmodel, train, val, record)
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2

@@ -1,16 +1,15 @@
-#!/usr/bin/env python
 """The paper's ablations on any config: calibration batch size, and the contribution of each component.
 
-    python scripts/ablation_study.py --config configs/fashion/mbv2_2_4.yaml --study batch --factors 1 2 4 \\
+    mrecg study ablation --config configs/fashion/mbv2_2_4.yaml --study batch --factors 1 2 4 \\
         --seeds 1 2 3 --out outputs/ablation/mbv2_2_4_batch [--ray]
-    python scripts/ablation_study.py --config configs/fashion/mbv2_2_4.yaml --study components --expand 4 \\
+    mrecg study ablation --config configs/fashion/mbv2_2_4.yaml --study components --expand 4 \\
         --seeds 1 2 3 --out outputs/ablation/mbv2_2_4_components
 
 ``--study batch``: the config's calibration images (``quantize.cali_size``) and per-step batch
 (``quantize.reconstruction.batch_size``) multiplied by each factor together (the authors' single batch-size
 key set both), and each one alone with the other at the config's value; the config's method and grouping.
 ``--study components``: plain reconstruction, grouping only (the config's MRECG grouping), batch expansion
-only (both sizes times ``--expand``, no grouping) and both. Runs go through ``scripts/sweep.py``'s commands
+only (both sizes times ``--expand``, no grouping) and both. Runs go through ``mrecg sweep``'s commands
 and lanes (finished runs are skipped); the study ends in ``ablation.md`` / ``ablation.csv`` and
 ``ablation.png`` in ``--out``.
 """
@@ -22,8 +21,8 @@ from typing import Dict, List, Tuple
 
 import mrecg
 
-import scheme_study  # summaries of finished runs
-import sweep  # commands, serial and Ray lanes
+from mrecg.tools import scheme_study  # summaries of finished runs
+from mrecg.tools import sweep  # commands, serial and Ray lanes
 
 PLAIN = ['mrecg.metric=none', 'mrecg.k=0', 'mrecg.scheme=null']
 
@@ -127,8 +126,9 @@ def plot(path: str, table: List[Dict], study: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='mrecg study ablation', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', required=True)
     p.add_argument('--study', choices=['batch', 'components'], required=True)
     p.add_argument('--factors', nargs='+', type=int, default=[1, 2, 4], help='batch study: size multipliers')
@@ -136,9 +136,14 @@ def main(argv=None) -> int:
     p.add_argument('--seeds', nargs='+', type=int, default=[1])
     p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
     p.add_argument('--out', required=True)
-    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see sweep.py)')
+    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
     p.add_argument('--ray-cpus', type=int, default=1)
     p.add_argument('--analyse-only', action='store_true')
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if any(f < 1 for f in args.factors) or 1 not in args.factors or args.expand < 2:
         p.error('--factors are integers >= 1 and include 1; --expand is >= 2')

@@ -1,19 +1,18 @@
-#!/usr/bin/env python
 """Our reconstruction engine against MQBench's ``advanced_ptq.ptq_reconstruction``, in one process.
 
 Both start from the same calibrated model (same float weights, calibration images, bits and settings,
 plain QDrop or BRECQ with the same iterations per unit and images per step); each is timed over its whole
 reconstruction and then evaluated:
 
-    python scripts/bench_reconstruction.py --config configs/digits/mbv2_2_4.yaml --iters 200
-    python scripts/bench_reconstruction.py --config configs/bench/fashion_resnet18_2_4.yaml --iters 100
-    python scripts/bench_reconstruction.py --config ... --device cuda
+    mrecg bench --config configs/digits/mbv2_2_4.yaml --iters 200
+    mrecg bench --config configs/bench/fashion_resnet18_2_4.yaml --iters 100
+    mrecg bench --config ... --device cuda
 
 Synthetic mode, the paper's shapes without ImageNet (timing and memory only, never accuracy): random
 224x224 images and randomly initialised models, each engine over every unit for a few iterations at each
 per-step batch, after an untimed warm-up:
 
-    python scripts/bench_reconstruction.py --synthetic resnet18 resnet50 mobilenet_v2 regnetx_600m --batch 32 256
+    mrecg bench --synthetic resnet18 resnet50 mobilenet_v2 regnetx_600m --batch 32 256
 
 Printed per model, batch and engine: ms per iteration per unit (the step alone: the difference between runs
 of 1 + --iters and 1 iterations per unit), the passes, peak memory, achieved TFLOP/s and its share of
@@ -356,8 +355,9 @@ def synthetic(args) -> int:
     return 0
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='mrecg bench', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', help='a config to bench on its data (or --synthetic)')
     parser.add_argument('--synthetic', nargs='+', metavar='MODEL',
                         help='registry models at 224x224 on random images, randomly initialised (timing only)')
@@ -375,14 +375,14 @@ def parse_args():
     parser.add_argument('--warmup', type=int, default=3,
                         help='untimed iterations per unit of every engine before timing (0: none; see warm_up)')
     parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'])
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
     if bool(args.config) == bool(args.synthetic):
-        parser.error('give --config or --synthetic')
-    return args
-
-
-def main():
-    args = parse_args()
+        p.error('give --config or --synthetic')
     if args.synthetic:
         try:
             return synthetic(args)

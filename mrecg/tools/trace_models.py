@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Which torchvision / timm models the toolkit can take, and the units the graph rule gives them.
 
-    python scripts/trace_models.py                       # the default list below
-    python scripts/trace_models.py torchvision:vgg11 timm:resnet18 path/to/file.py:MyNet
+    mrecg models                       # the default list below
+    mrecg models torchvision:vgg11 timm:resnet18 path/to/file.py:MyNet
 
 For each model (built without weights): whether torch.fx and MQBench trace it, the number of base units
 the graph rule makes, the largest unit (in conv/linear layers) and the time of the plan. A model that
@@ -52,10 +51,16 @@ def exports(model: nn.Module) -> str:
     return 'yes'
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='mrecg models', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('models', nargs='*', default=DEFAULT)
     p.add_argument('--export', action='store_true', help='also quantize (smoke) and export each model to ONNX')
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     extra = ' ONNX export |' if args.export else ''
     print('| model | traced | base units | largest unit (conv/linear layers) | plan s |' + extra)

@@ -1,14 +1,13 @@
-#!/usr/bin/env python
 """The paper's evidence on any config: random mixed-granularity schemes, and the chain it argues.
 
-    python scripts/scheme_study.py --config configs/fashion/resnet_2_4.yaml --schemes 16 --seeds 1 \\
+    mrecg study schemes --config configs/fashion/resnet_2_4.yaml --schemes 16 --seeds 1 \\
         --out outputs/schemes/resnet_2_4 [--ray] [--set quantize.reconstruction.prob=1.0]
 
 Samples ``--schemes`` random groupings of the config's base units (seeded by ``--sample-seed``: first the
 number of merged pairs, uniform in 1..``--max-pairs``, then which pairs, so both the number and the size of
 the merged groups vary; ``--max-group-size`` caps a group), adds the reference schemes (plain, the
 config's ModCap and loss groupings with its k, the authors' published one where there is one), runs each
-for every seed (``scripts/sweep.py``'s commands and lanes: finished runs are skipped, ``--ray`` in parallel)
+for every seed (``mrecg sweep``'s commands and lanes: finished runs are skipped, ``--ray`` in parallel)
 and writes into ``--out``:
 
 - ``schemes.md`` / ``schemes.csv``: per scheme the groups, merged pairs, top-1, the largest unit loss and its
@@ -31,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mrecg
 from mrecg import grouping
 
-import sweep  # the sibling script: run folders, commands, serial and Ray lanes
+from mrecg.tools import sweep  # run folders, commands, serial and Ray lanes
 
 Span = Tuple[int, int]
 
@@ -237,8 +236,9 @@ def analyse(args, cfg: mrecg.Config, names: List[str]) -> None:
     print(f'wrote {os.path.join(args.out, "schemes.md")}, schemes.csv, chain.png')
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='mrecg study schemes', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', required=True)
     p.add_argument('--schemes', type=int, default=16, help='random schemes to sample')
     p.add_argument('--sample-seed', type=int, default=0)
@@ -247,9 +247,14 @@ def main(argv=None) -> int:
     p.add_argument('--seeds', nargs='+', type=int, default=[1])
     p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
     p.add_argument('--out', required=True)
-    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see sweep.py)')
+    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
     p.add_argument('--ray-cpus', type=int, default=1)
     p.add_argument('--analyse-only', action='store_true', help='only rebuild the table and plots')
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.schemes < 1:
         p.error('--schemes must be >= 1')

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """One run of MQBench's own ``ptq_reconstruction`` (BRECQ or QDrop) from one of our configs, written as a
 ``results.json`` like ptq_main.py's, so the sweep and the collector put it in the same table.
 
-    python scripts/run_mqbench.py --config configs/fashion/mbv2_2_4.yaml --output outputs/x --set process.seed=2
+    mrecg baseline --config configs/fashion/mbv2_2_4.yaml --output outputs/x --set process.seed=2
 
 Same float model, calibration images, calibrated quantizers (calibrated as ours are, same seed), bits,
 iterations and images per step as ptq_main.py with that config; MQBench picks its own blocks.
@@ -20,6 +19,7 @@ from mrecg.baselines import mqbench_reconstruct
 from mrecg.config import dump_config, load_config
 from mrecg.data import calibration_images, eval_batches
 from mrecg.errors import UserError
+from mrecg.locking import FolderLock
 from mrecg.evaluation import evaluate
 from mrecg.planning import GroupingInfo, prepare
 from mrecg.quantization import calibrate, disable_all, enable_quantization, layer_bit_table
@@ -29,31 +29,43 @@ from mrecg.runner import CONFIG, LOG, RESULTS, build_float_model, open_data, res
 from mrecg.units import UnitPartition, groups_from_spans
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='mrecg baseline', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', required=True, help='YAML config (its grouping is ignored: MQBench has none)')
+    p.add_argument('--output', required=True, help='output folder')
+    p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                   help='override config keys (repeatable)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    return p
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', required=True)
-    parser.add_argument('--output', required=True)
-    parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE')
-    parser.add_argument('--no-progress', action='store_true')
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         cfg = load_config(args.config, [*args.set, 'mrecg.metric=none', 'mrecg.k=0', 'mrecg.scheme=null'])
         rec = cfg.quantize.reconstruction
         if not rec.enabled or rec.granularity != 'block':
-            raise UserError('run_mqbench.py runs MQBench block reconstruction (BRECQ/QDrop) only')
+            raise UserError('mrecg baseline runs MQBench block reconstruction (BRECQ/QDrop) only')
         device = resolve_device(cfg.process.device)
         model = build_float_model(cfg)
         train, val = open_data(cfg)
-        if os.path.isfile(os.path.join(args.output, RESULTS)):
-            raise UserError(f'{args.output} already holds a finished run')
-        os.makedirs(args.output, exist_ok=True)
+        with FolderLock(args.output):
+            if os.path.isfile(os.path.join(args.output, RESULTS)):
+                raise UserError(f'{args.output} already holds a finished run')
+            return baseline_run(cfg, model, train, val, args.output, device, not args.no_progress)
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
-    setup_logging(os.path.join(args.output, LOG))
-    write_text(os.path.join(args.output, CONFIG), dump_config(cfg))
+
+
+def baseline_run(cfg, model, train, val, output: str, device, progress: bool) -> int:
+    """MQBench's reconstruction on the run's calibrated model, its per-unit losses on our streams, results.json."""
+    rec = cfg.quantize.reconstruction
+    setup_logging(os.path.join(output, LOG))
+    write_text(os.path.join(output, CONFIG), dump_config(cfg))
     t0 = time.perf_counter()
-    progress, seed = not args.no_progress, cfg.process.seed
+    seed = cfg.process.seed
     images = calibration_images(train, cfg.quantize.cali_size, seed, cfg.data.batch_size, cfg.data.num_workers)
     batches = lambda: eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit,  # noqa: E731
                                    seed=cfg.data.split_seed)
@@ -80,9 +92,9 @@ def main(argv=None) -> int:
                                 [u.name for u in prepared.units], probe.unit_losses, [], info, fp_acc, q_acc,
                                 layer_bit_table(quantized), timing, 0, prepared.bn_folded, str(device))
     summary = results_record(cfg, result)
-    write_json(os.path.join(args.output, RESULTS), summary)
+    write_json(os.path.join(output, RESULTS), summary)
     print(f'{summary["method"]} {cfg.model.type} W{summary["w_bits"]}A{summary["a_bits"]}: quantized top-1 '
-          f'{summary["quant_top1"]}, {timing.total_seconds:.0f} s -> {args.output}')
+          f'{summary["quant_top1"]}, {timing.total_seconds:.0f} s -> {output}')
     return 0
 
 

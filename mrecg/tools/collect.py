@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Turn the results.json files under a folder into the paper's table (Markdown and CSV).
 
-    python scripts/collect_results.py outputs/fashion_bench            # prints Markdown, writes table.md/.csv
-    python scripts/collect_results.py outputs/a outputs/b --out results/table
+    mrecg collect outputs/fashion_bench            # prints Markdown, writes table.md/.csv
+    mrecg collect outputs/a outputs/b --out results/table
 
 Rows: Full Prec. first, then each method at each W/A (paper order 4/4, 2/4, 3/3, 2/2); columns: models.
 Cells: top-1 mean +- standard deviation over seeds (n = number of seeds); MRECG rows carry the difference
@@ -41,8 +40,10 @@ SOURCE = {'modcap solver': 'ModCap', 'loss solver': 'loss', 'published scheme': 
 
 
 def find_results(folders):
+    """Every run's results.json under the folders (a run kept by --overwrite in previous_run/ is not one)."""
     for folder in folders:
-        for root, _, files in os.walk(folder):
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if d != 'previous_run')
             if 'results.json' in files:
                 with open(os.path.join(root, 'results.json')) as f:
                     yield json.load(f)
@@ -200,11 +201,17 @@ def write_curves(curves, rank, prefix):
     return len(curves)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='mrecg collect', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('folders', nargs='+')
     p.add_argument('--out', help='path prefix of the .md and .csv (default: <first folder>/table)')
     p.add_argument('--no-curves', action='store_true', help='skip the loss-curve plots and numbers')
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     cells, fp, rank = collect(args.folders)
     if not cells:

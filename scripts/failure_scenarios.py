@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Try what goes wrong in real runs, on the digits model, and record what the user sees: the data of the
+"Runs that survive" table in the docs (``results/failure_scenarios.json``).
+
+    python scripts/failure_scenarios.py                  # every scenario, ~3 min on 2 cores
+    python scripts/failure_scenarios.py --out /tmp/f.json --only ctrl-c
+
+Ctrl-C in a given phase is a KeyboardInterrupt raised in that phase (what SIGINT raises in Python), injected
+into a child process by ``--child PHASE``, so every phase is hit exactly; the concurrent launch and the
+killed run are real processes and signals. Each scenario then does what the user would (``--resume``, a
+rerun) and checks that the numbers equal an uninterrupted run's, or that nothing finished was lost.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = {
+    'model': {'type': 'mobilenet_v2_small',
+              'path': os.path.join(ROOT, 'models', 'checkpoints', 'mobilenet_v2_small_digits.pth')},
+    'data': {'type': 'digits', 'batch_size': 64, 'eval_limit': 200},
+    'quantize': {'w_qconfig': {'bit': 2, 'p': 2.0}, 'a_qconfig': {'bit': 4, 'p': 2.0}, 'cali_size': 64,
+                 'reconstruction': {'iterations': 40, 'batch_size': 16, 'weight': 0.1}},
+    'mrecg': {'metric': 'loss', 'k': 2, 'probe_iterations': 20},
+    'process': {'seed': 7, 'device': 'cpu'},
+}
+PHASES = ['float evaluation', 'calibration', 'loss probe', 'reconstruction', 'quantized evaluation', 'export']
+
+
+# ---- the child: one CLI run with Ctrl-C raised inside a phase ---------------------------------------------
+def interrupt_in(phase: str) -> None:
+    """Patch the toolkit so that a KeyboardInterrupt is raised part-way through ``phase``."""
+    from mrecg import api, reconstruction, runner
+
+    def stop(*_, **__):
+        raise KeyboardInterrupt
+    if phase in ('float evaluation', 'quantized evaluation'):
+        real = api.evaluate
+        word = phase.split()[0]
+        api.evaluate = lambda m, b, d, desc='eval', *a: stop() if word in desc else real(m, b, d, desc, *a)
+    elif phase == 'calibration':
+        api.calibrate = stop
+    elif phase == 'export':
+        runner.export_folder = stop
+    else:  # mid-unit: the 10th step of the third unit of the probe (phase loss probe) or of the reconstruction
+        real_step, real_save, seen = reconstruction.Reconstructor._step, runner.save_state, []
+
+        def save(output, digest, state):
+            real_save(output, digest, state)
+            seen.append(state.phase)
+
+        def step(self, t, i):
+            probing = 'reconstruction' not in seen
+            if probing == (phase == 'loss probe') and seen.count('probe' if probing else 'reconstruction') >= 3 \
+                    and i == 10:
+                raise KeyboardInterrupt
+            return real_step(self, t, i)
+        runner.save_state, reconstruction.Reconstructor._step = save, step
+
+
+def child(phase: str, argv) -> int:
+    interrupt_in(phase)
+    from mrecg.cli import main
+    return main(argv)
+
+
+# ---- the parent --------------------------------------------------------------------------------------------
+def cli(*args, phase=None, wait=True, command=('ptq_main.py',)):
+    """A run as the user starts it (``command``: ptq_main.py or ``-m mrecg ...``), with Ctrl-C in ``phase``."""
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', phase, '--'] if phase else \
+        [sys.executable, *(os.path.join(ROOT, c) if c.endswith('.py') else c for c in command)]
+    cmd += [*args, '--no-progress'] if command[0] == 'ptq_main.py' else list(args)
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ''
+
+
+def short(text: str, tmp: str) -> str:
+    return text.replace(tmp + os.sep, '').replace(tmp, '.')
+
+
+def top1(folder: str):
+    path = os.path.join(folder, 'results.json')
+    return json.load(open(path))['quant_top1'] if os.path.isfile(path) else None
+
+
+def log_line(folder: str, needle: str) -> str:
+    path = os.path.join(folder, 'run.log')
+    lines = [line.split(' ', 2)[-1] for line in open(path) if needle in line] if os.path.isfile(path) else []
+    return lines[-1].strip() if lines else ''
+
+
+def ctrl_c(tmp, cfg, reference):
+    rows = []
+    for phase in PHASES:
+        out = os.path.join(tmp, 'ctrlc_' + phase.replace(' ', '_'))
+        fresh = ['--set', f'process.cache_dir={out}_cache']  # no cached probe: the probe really runs
+        first = cli('--config', cfg, '--output', out, *(['--export', 'onnx'] if phase == 'export' else []), *fresh,
+                    phase=phase)
+        if phase == 'export':
+            then, rerun = cli(out, command=('-m', 'mrecg', 'export')), 'mrecg export DIR'
+        else:
+            then, rerun = cli('--resume', out), 'ptq_main.py --resume DIR'
+        same = top1(out) == reference
+        rows.append(row(f'Ctrl-C during the {phase}', first, tmp, then=rerun, then_proc=then,
+                        kept=('results.json written before the export; ' if phase == 'export' else '')
+                        + (f'resumed run equals the uninterrupted one (top-1 {top1(out):.2f})' if same
+                           else f'top-1 {top1(out)} vs uninterrupted {reference}'),
+                        ok=same and first.returncode == 130))
+    return rows
+
+
+def concurrent(tmp, cfg):
+    out = os.path.join(tmp, 'concurrent')
+    first = cli('--config', cfg, '--output', out, wait=False)
+    t0 = time.time()
+    while not os.path.exists(os.path.join(out, '.mrecg.lock')) and time.time() - t0 < 120:
+        time.sleep(0.05)
+    second = cli('--config', cfg, '--output', out, '--overwrite')
+    stdout, stderr = first.communicate(timeout=900)
+    ok = second.returncode == 2 and first.returncode == 0 and top1(out) is not None
+    return row('A second launch into a folder a run is writing (even with --overwrite)', second, tmp,
+               kept=f'the first run finished undisturbed (exit {first.returncode}, top-1 {top1(out)})', ok=ok)
+
+
+def killed(tmp, cfg, reference):
+    out = os.path.join(tmp, 'killed')
+    proc = cli('--config', cfg, '--output', out, wait=False)
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        state = os.path.join(out, 'checkpoint.pt')
+        try:
+            if os.path.isfile(state) and len(torch.load(state, weights_only=True).get('results', [])) >= 2:
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    then = cli('--resume', out)
+    took = log_line(out, 'took over the lock')
+    return row('The machine or the process dies (SIGKILL) mid-run; the lock file stays behind', proc, tmp,
+               then='ptq_main.py --resume DIR', then_proc=then,
+               kept=f'log: "{took}"; resumed run equals the uninterrupted one' if top1(out) == reference else
+               'resumed run differs', ok=top1(out) == reference and bool(took), sees='(nothing: the process is gone)')
+
+
+def make_data(split, folder):
+    """The data factory of the 'changed' scenarios: digits read from files the scenario then changes."""
+    from mrecg.data import TensorData
+    x, y = torch.load(os.path.join(folder, f'{split}.pt'), weights_only=True)
+    return TensorData(x, y)
+
+
+CHANGES = {'weights': 'The float checkpoint is retrained (same path) between the interruption and --resume',
+           'train': 'The calibration images are replaced (same folder) between the interruption and --resume',
+           'val': 'The evaluation images change between the interruption and --resume'}
+
+
+def changed(tmp, cfg, what, reference):
+    """Interrupt mid-reconstruction, change the weights file, the calibration or the evaluation data, resume."""
+    from mrecg.data import digits
+    folder = os.path.join(tmp, 'changed_' + what)
+    os.makedirs(folder)
+    for split in ('train', 'val'):
+        d = digits(split, 0)
+        torch.save((d.images, d.labels), os.path.join(folder, f'{split}.pt'))
+    conf = yaml.safe_load(open(cfg))
+    conf['model']['path'] = os.path.join(folder, 'weights.pth')
+    shutil.copy(CONFIG['model']['path'], conf['model']['path'])
+    conf['data'] = {**conf['data'], 'type': f'{os.path.abspath(__file__)}:make_data', 'kwargs': {'folder': folder}}
+    path = os.path.join(folder, 'cfg.yaml')
+    yaml.safe_dump(conf, open(path, 'w'))
+    out = os.path.join(folder, 'run')
+    first = cli('--config', path, '--output', out, phase='reconstruction')
+    if what == 'weights':
+        sd = torch.load(conf['model']['path'], weights_only=True)
+        name = next(k for k, v in sd.items() if v.dim() == 4)
+        sd[name] = sd[name] * 1.01
+        torch.save(sd, conf['model']['path'])
+    else:
+        x, y = torch.load(os.path.join(folder, f'{what}.pt'), weights_only=True)
+        torch.save((x + 0.01, y), os.path.join(folder, f'{what}.pt'))
+    then = cli('--resume', out)
+    if what == 'val':
+        note = log_line(out, 'evaluation data changed')
+        return row(CHANGES[what], then, tmp, kept=f'log: "{note}"; the reconstruction resumed (its inputs are '
+                   'unchanged)', ok=then.returncode == 0 and bool(note) and first.returncode == 130)
+    return row(CHANGES[what], then, tmp, kept='refused before any work: nothing continues on other targets; the '
+               'checkpoint stays for the old inputs', ok=then.returncode == 2 and first.returncode == 130)
+
+
+def overwrite_failure(tmp, cfg):
+    out = os.path.join(tmp, 'overwrite')
+    cli('--config', cfg, '--output', out)
+    before = top1(out)
+    failed = cli('--config', cfg, '--output', out, '--overwrite', phase='quantized evaluation')
+    kept = top1(os.path.join(out, 'previous_run'))
+    return row('A rerun with --overwrite fails (here: interrupted in its last evaluation)', failed, tmp,
+               kept=f'previous_run/results.json still holds the finished run (top-1 {kept}); removed only when '
+               'the new run writes its results', ok=kept == before and kept is not None)
+
+
+def row(scenario, proc, tmp, then=None, then_proc=None, kept='', ok=True, sees=None):
+    seen = sees or short(last_line(proc.stderr) or last_line(proc.stdout), tmp)
+    entry = {'scenario': scenario, 'exit_code': proc.returncode, 'user_sees': seen, 'nothing_lost': kept,
+             'checked': bool(ok)}
+    if then:
+        entry.update(then=then, then_exit_code=then_proc.returncode,
+                     then_sees=short(last_line(then_proc.stdout) or last_line(then_proc.stderr), tmp))
+    return entry
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'failure_scenarios.json'))
+    p.add_argument('--child', choices=PHASES, help=argparse.SUPPRESS)
+    p.add_argument('rest', nargs='*', help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args.child, args.rest)
+    tmp = tempfile.mkdtemp(prefix='mrecg_failures_')
+    cfg = os.path.join(tmp, 'digits.yaml')
+    yaml.safe_dump({**CONFIG, 'process': {**CONFIG['process'], 'cache_dir': os.path.join(tmp, 'cache')}},
+                   open(cfg, 'w'))
+    t0 = time.time()
+    ref = cli('--config', cfg, '--output', os.path.join(tmp, 'reference'))
+    if ref.returncode:
+        print(ref.stderr, file=sys.stderr)
+        return 1
+    reference = top1(os.path.join(tmp, 'reference'))
+    rows = [concurrent(tmp, cfg), *ctrl_c(tmp, cfg, reference), killed(tmp, cfg, reference),
+            *(changed(tmp, cfg, what, reference) for what in CHANGES), overwrite_failure(tmp, cfg)]
+    record = {'command': 'python scripts/failure_scenarios.py', 'date': time.strftime('%Y-%m-%d'),
+              'commit': git_commit(), 'machine': f'{platform.machine()}, {os.cpu_count()} cores, CPU only',
+              'versions': {'torch': torch.__version__, 'python': platform.python_version()},
+              'seconds': round(time.time() - t0), 'config': CONFIG, 'rows': rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(record, f, indent=2)
+        f.write('\n')
+    for r in rows:
+        print(f'{"ok " if r["checked"] else "BAD"} {r["scenario"]}: exit {r["exit_code"]}: {r["user_sees"]}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f'wrote {args.out} ({record["seconds"]} s)')
+    return 0 if all(r['checked'] for r in rows) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
