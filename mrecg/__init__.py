@@ -21,10 +21,11 @@ def export_onnx(model, path, sample, eval_batches=None):
     return export(model, path, sample, eval_batches)
 
 
-def plan(model, config=None, cached_losses=None):
-    """What a run of ``config`` would do on ``model`` (units, ModCap, groups, bits), without data."""
+def plan(model, config=None, cached_losses=None, calib_images=None):
+    """What a run of ``config`` would do on ``model`` (units, ModCap, groups, bits), without data; a bit search
+    with a data measure needs ``calib_images`` (an N x C x H x W tensor)."""
     from mrecg.planning import plan as make_plan
-    return make_plan(model, as_config(config), cached_losses)
+    return make_plan(model, as_config(config), cached_losses, calib_images)
 
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'

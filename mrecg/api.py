@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from mrecg.bitsearch import model_figures
 from mrecg.caching import RunCache, environment, eval_fingerprint, images_id, model_digest
 from mrecg.config import Config, as_config
 from mrecg.data import CalibData, EvalData, calibration_images, eval_batches, reading
@@ -40,6 +41,7 @@ log = logging.getLogger('mrecg')
 @dataclass
 class Timings:
     calibration_data_seconds: float = 0.0
+    bit_search_seconds: float = 0.0
     fp_eval_seconds: float = 0.0
     calibration_seconds: float = 0.0
     grouping_seconds: float = 0.0
@@ -80,6 +82,7 @@ class RunState:
     images: str = ''
     eval_data: Optional[str] = None
     probe: Optional[ProbeState] = None
+    bit_allocation: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -103,6 +106,8 @@ class QuantizationResult:
     resumed: bool = False
     world_size: int = 1
     peak_cache_bytes_per_rank: List[int] = field(default_factory=list)
+    bit_search: Optional[Dict[str, Any]] = None  # the allocation a bit search chose (BitAllocation.to_dict)
+    size: Dict[str, float] = field(default_factory=dict)  # size_mb, mean_w_bits, bops_g of the quantized model
 
     def __str__(self) -> str:
         acc = self.accuracy.top1 if self.accuracy else None
@@ -237,15 +242,17 @@ class _Reporter:
     CPU copies, never the live tensors (rank 0 only)."""
 
     def __init__(self, run: '_Session', fp_acc: Optional[Accuracy], prints: Fingerprints,
-                 callback: Optional[Callable[[RunState], None]]):
+                 callback: Optional[Callable[[RunState], None]], allocation=None):
         self.run, self.fp_acc, self.prints = run, fp_acc, prints
+        self.allocation = allocation.to_dict() if allocation else None
         self.callback = callback if run.dist.main else None
         self.calibrated_state: Dict[str, torch.Tensor] = {}
 
     def _send(self, phase: str, **fields) -> None:
         p = self.prints
         self.callback(RunState(self.fp_acc, elapsed=self.run.elapsed(), world_size=self.run.dist.world,
-                               phase=phase, weights=p.weights, images=p.images, eval_data=p.eval_data, **fields))
+                               phase=phase, weights=p.weights, images=p.images, eval_data=p.eval_data,
+                               bit_allocation=self.allocation, **fields))
 
     def calibrated(self, qmodel: nn.Module) -> None:
         if self.callback is None:
@@ -291,16 +298,18 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
         calib_data, cfg.quantize.cali_size, cfg.process.seed, cfg.data.batch_size, cfg.data.num_workers))
     prints = Fingerprints(model_digest(model), images_id(images), eval_fingerprint(eval_data))
     check_resume(resume, prints)
+    allocation = _bit_allocation(run, model, images)
+    cfg = run.cfg
     fp_acc = _float_accuracy(run, model, eval_data, prints)
     cache = RunCache(cache_dir, cfg, prints.weights, prints.images, cfg.model.type or type(model).__name__,
                      run.dist.world, environment(run.device)) if cache_dir else None
     prepared, fp_model = _calibrated(run, model, images, cache)
-    reporter = _Reporter(run, fp_acc, prints, on_unit_done)
+    reporter = _Reporter(run, fp_acc, prints, on_unit_done, allocation)
     if resume is None:
         reporter.calibrated(prepared.qmodel)
     elif resume.phase != 'reconstruction':
         reporter.calibrated_state = cpu_copy(prepared.qmodel.state_dict()) if reporter.callback else {}
-    shard = run.dist.shard(images)  # reconstruction caches this rank's share only
+    shard, sample = run.dist.shard(images), images[:1].clone()  # reconstruction caches this rank's share only
     del images
     info = resume.grouping if resume and resume.grouping else run.timed('grouping_seconds', lambda: choose_groups(
         cfg, prepared.partition, lambda: _probe_losses(run, prepared, fp_model, shard, cache, reporter)))
@@ -316,7 +325,30 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
                               results, info, fp_acc, q_acc, layer_bit_table(prepared.qmodel), run.timings,
                               recon.peak_cache_bytes, prepared.bn_folded, str(run.device), _warnings(results, q_acc),
                               resumed=resume is not None, world_size=run.dist.world,
-                              peak_cache_bytes_per_rank=run.dist.gather(recon.peak_cache_bytes))
+                              peak_cache_bytes_per_rank=run.dist.gather(recon.peak_cache_bytes),
+                              bit_search=allocation.to_dict() if allocation else None,
+                              size=model_figures(prepared.qmodel, sample))
+
+
+def _bit_allocation(run: '_Session', model: nn.Module, images: torch.Tensor):
+    """With ``quantize.bit_search``: the allocation (searched on rank 0, or the resumed run's), and ``run.cfg``
+    from then on carries it as ``layer_bits``. None without a search."""
+    from mrecg.bitsearch import allocation_from_dict, search_bits, with_allocation
+    if run.cfg.quantize.bit_search is None:
+        return None
+    if run.resume and run.resume.bit_allocation:
+        allocation = allocation_from_dict(run.resume.bit_allocation)
+    else:
+        found = run.timed('bit_search_seconds', lambda: search_bits(model, run.cfg, images, run.device)) \
+            if run.dist.main else None
+        allocation = allocation_from_dict(run.dist.broadcast(found.to_dict() if found else None))
+        f = allocation.figures
+        log.info('bit search (%s, %s): avg %.3f weight bits, %.4g MB, %.4g GBOPs in %.1f s', allocation.measure,
+                 allocation.budget, f['avg_w_bits'], f['size_mb'], f['bops_g'], allocation.seconds)
+    for note in allocation.notes:
+        log.warning('bit search: %s', note)
+    run.cfg = with_allocation(run.cfg, allocation)
+    return allocation
 
 
 def _float_accuracy(run: '_Session', model: nn.Module, eval_data: Optional[EvalData],

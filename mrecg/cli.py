@@ -79,10 +79,10 @@ def default_output(config_path: str) -> str:
 def print_plan(cfg) -> None:
     from mrecg.config import resolve_path
     from mrecg.planning import plan
-    from mrecg.runner import build_float_model, cached_plan_losses
+    from mrecg.runner import build_float_model, cached_plan_losses, plan_images
     path = resolve_path(cfg.model.path)
     model = build_float_model(cfg, load=bool(path) and os.path.isfile(path))
-    print(plan(model, cfg, lambda names: cached_plan_losses(cfg, model, names)))
+    print(plan(model, cfg, lambda names: cached_plan_losses(cfg, model, names), plan_images(cfg)))
 
 
 def main(argv=None, prog: str = 'ptq_main.py') -> int:
@@ -178,7 +178,8 @@ def summary_line(r, output: str) -> str:
     """The run's last line; a missing number (no evaluation data, a non-finite loss) reads n/a."""
     def num(x, spec='.2f'):
         return 'n/a' if x is None else format(x, spec)
-    return (f'{r["method"]} {r["model"]} W{r["w_bits"]}A{r["a_bits"]}: float top-1 {num(r["fp_top1"])}, '
+    w = f'{r["bit_search"]["avg_w_bits"]:.2f}(mixed)' if r.get('bit_search') else r['w_bits']
+    return (f'{r["method"]} {r["model"]} W{w}A{r["a_bits"]}: float top-1 {num(r["fp_top1"])}, '
             f'quantized top-1 {num(r["quant_top1"])}, max unit loss {num(r["loss_curve"]["max_unit_loss"], ".4g")}, '
             f'{r["timing"]["total_seconds"]:.0f} s -> {output}')
 

@@ -17,6 +17,7 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
     'study schemes': ('mrecg.tools.scheme_study', 'parser', 'main',
                       "random groupings and the paper's chain of evidence"),
     'study ablation': ('mrecg.tools.ablation_study', 'parser', 'main', 'batch-size and component ablations'),
+    'bits': ('mrecg.tools.bits', 'parser', 'main', 'mixed precision against uniform bits: size vs top-1'),
     'bench': ('mrecg.tools.bench', 'parser', 'main', 'the reconstruction step against MQBench, time and top-1'),
     'baseline': ('mrecg.tools.mqbench_run', 'parser', 'main', "MQBench's own ptq_reconstruction on a config"),
     'models': ('mrecg.tools.trace_models', 'parser', 'main', 'which models trace, quantize and export'),

@@ -25,36 +25,44 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # ---- checks (return a problem or None) -------------------------------------------------------------------
 def positive(v):
+    """> 0"""
     return None if v > 0 else 'must be > 0'
 
 
 def non_negative(v):
+    """>= 0"""
     return None if v >= 0 else 'must be >= 0'
 
 
 def bits(v):
+    """2..8"""
     return None if 2 <= v <= 8 else 'must be an integer in 2..8'
 
 
 def unit_fraction(v):
+    """[0, 1)"""
     return None if 0 <= v < 1 else 'must be in [0, 1)'
 
 
 def drop_prob(v):
+    """(0, 1]"""
     return None if 0 < v <= 1 else 'must be in (0, 1] (1.0 = BRECQ, 0.5 = QDrop)'
 
 
 def b_range(v):
+    """[start, end], start >= end > 0"""
     if len(v) != 2:
         return 'must be two numbers [start, end]'
     return None if v[0] >= v[1] > 0 else 'must satisfy start >= end > 0'
 
 
 def non_empty_groups(v):
+    """non-empty lists"""
     return None if all(g for g in v) else 'must be a list of non-empty lists of module names'
 
 
 def data_source(v):
+    """a built-in name or an import path"""
     if v in BUILTIN_DATA or ':' in v:
         return None
     return (f'must be one of {", ".join(BUILTIN_DATA)} or a factory as package.module:make or '
@@ -62,7 +70,23 @@ def data_source(v):
 
 
 def three_numbers(v):
+    """1 or 3 numbers"""
     return None if len(v) in (1, 3) else 'must list 1 or 3 numbers (one per channel)'
+
+
+def non_negative_or_auto(v):
+    """>= 0 or auto"""
+    return None if v == 'auto' or v >= 0 else 'must be >= 0 or auto'
+
+
+def at_least_two(v):
+    """>= 2"""
+    return None if v >= 2 else 'must be >= 2'
+
+
+def penalty(v):
+    """(0, 1]"""
+    return None if 0 < v <= 1 else 'must be in (0, 1]'
 
 
 def key(default: Any = None, check: Optional[Callable] = None, doc: str = ''):
@@ -106,6 +130,8 @@ def describe(hint: Any) -> str:
         return 'one of ' + ', '.join(map(str, args))
     if origin in (list, List):
         return 'list' + (f' of {describe(args[0])}' if args and args[0] is not Any else '')
+    if origin in (dict, Dict):
+        return 'mapping'
     names = {int: 'integer', float: 'number', bool: 'true/false', str: 'string', dict: 'mapping',
              type(None): 'null'}
     if is_dataclass(hint):
@@ -209,14 +235,14 @@ class DataConfig(Section):
     path: Optional[str] = key(None, doc='dataset folder (train/ and val/ for imagenet and imagefolder)')
     kwargs: Dict[str, Any] = key({}, doc='arguments of a data factory: make(split, **kwargs)')
     batch_size: int = key(256, positive, 'batch of calibration and evaluation passes')
-    num_workers: int = key(4, non_negative)
-    pin_memory: bool = key(True)
+    num_workers: int = key(4, non_negative, 'DataLoader workers of the calibration draw and the evaluation')
+    pin_memory: bool = key(True, doc='pinned host memory for the evaluation batches on a GPU')
     input_size: int = key(224, positive, 'crop size (imagenet, imagefolder)')
     test_resize: int = key(256, positive, 'short side before the centre crop (imagenet, imagefolder)')
     mean: List[float] = key(list(IMAGENET_MEAN), three_numbers, 'normalisation (imagenet, imagefolder)')
     std: List[float] = key(list(IMAGENET_STD), three_numbers, 'normalisation (imagenet, imagefolder)')
     cali_transform: Literal['train', 'val'] = key('train', doc='train = RandomResizedCrop + flip (seeded)')
-    split_seed: int = key(0)
+    split_seed: int = key(0, doc="seed of the digits train/test split and of data.eval_limit's sample")
     eval_limit: Optional[int] = key(None, positive, 'evaluate on at most this many images (a sample across the '
                                                     'classes, seeded by split_seed)')
     evaluate: bool = key(True, doc='false: no accuracy (no labelled data needed)')
@@ -230,12 +256,13 @@ class DataConfig(Section):
 
 @dataclass
 class WeightQuantConfig(Section):
-    quantizer: Literal['AdaRoundFakeQuantize'] = key('AdaRoundFakeQuantize')
-    observer: Observer = key('MSEObserver')
-    bit: int = key(4, bits)
-    symmetric: bool = key(False)
-    per_channel: bool = key(True)
-    pot_scale: bool = key(False)
+    quantizer: Literal['AdaRoundFakeQuantize'] = key('AdaRoundFakeQuantize', doc="MQBench's fake quantizer "
+                                                     '(AdaRound: learned rounding)')
+    observer: Observer = key('MSEObserver', doc="MQBench's range observer used at calibration")
+    bit: int = key(4, bits, 'bit-width of every conv/linear weight (the first and last layer: 8)')
+    symmetric: bool = key(False, doc='signed symmetric grid (the ONNX export writes unsigned only)')
+    per_channel: bool = key(True, doc='one scale per output channel')
+    pot_scale: bool = key(False, doc='scales rounded to powers of two')
     p: float = key(2.4, positive, "Lp norm of the MSE observers' range search")
 
     def qscheme(self) -> Dict[str, Any]:
@@ -247,9 +274,11 @@ class WeightQuantConfig(Section):
 
 @dataclass
 class ActQuantConfig(WeightQuantConfig):
-    quantizer: Literal['QDropFakeQuantize'] = key('QDropFakeQuantize')
-    observer: Observer = key('EMAMSEObserver')
-    per_channel: bool = key(False)
+    quantizer: Literal['QDropFakeQuantize'] = key('QDropFakeQuantize', doc="MQBench's fake quantizer (QDrop: "
+                                                  'learnable step, random drop during reconstruction)')
+    observer: Observer = key('EMAMSEObserver', doc="MQBench's range observer used at calibration")
+    bit: int = key(4, bits, 'bit-width of every conv/linear input (the first and last layer: 8)')
+    per_channel: bool = key(False, doc='must stay false: activations are quantized per tensor')
     ste_bounds: Literal['strict', 'inclusive'] = key('strict', doc="reconstruction's straight-through mask: strict "
                                                                    '(torch 2 clamp) or inclusive of qmin/qmax '
                                                                    '(torch 1, the published numbers)')
@@ -264,9 +293,11 @@ class ActQuantConfig(WeightQuantConfig):
 class LayerBits(Section):
     """Bits for the conv/linear layers whose names match ``modules`` (names or glob patterns); ``a_bit`` is
     the bit-width of the layer's input quantizer (MQBench quantizes the input of every conv/linear)."""
-    modules: List[str] = key([], lambda v: None if v else 'must name at least one module or pattern')
-    w_bit: Optional[int] = key(None, bits)
-    a_bit: Optional[int] = key(None, bits)
+    modules: List[str] = key([], lambda v: None if v else 'must name at least one module or pattern',
+                             'conv/linear names or glob patterns (a pattern matching nothing is an error)')
+    w_bit: Optional[int] = key(None, bits, "the layers' weight bits")
+    a_bit: Optional[int] = key(None, bits, "the bits of the layers' input quantizers (shared ones take the "
+                                           'highest asked for)')
 
     def check_section(self):
         if self.w_bit is None and self.a_bit is None:
@@ -276,17 +307,20 @@ class LayerBits(Section):
 @dataclass
 class ReconstructionConfig(Section):
     enabled: bool = key(True, doc='false = nearest rounding after calibration')
-    granularity: Literal['block', 'layer'] = key('block')
+    granularity: Literal['block', 'layer'] = key('block', doc='block = BRECQ/QDrop units, layer = AdaRound '
+                                                             '(each conv/linear alone)')
     iterations: int = key(20000, positive, 'optimisation steps per unit')
     batch_size: int = key(32, positive, 'images per optimisation step')
     lr: float = key(1e-3, positive, 'Adam lr of the rounding variables')
     scale_lr: float = key(4e-5, non_negative, 'Adam lr of the activation steps (0 = frozen)')
     weight: float = key(0.01, non_negative, 'rounding regulariser weight')
-    b_range: List[float] = key([20, 2], b_range)
-    warm_up: float = key(0.2, unit_fraction)
-    prob: float = key(0.5, drop_prob)
-    cache_device: Literal['auto', 'cpu', 'device'] = key('auto')
-    cache_dtype: Literal['float32', 'float16', 'bfloat16'] = key('float32')
+    b_range: List[float] = key([20, 2], b_range, "the rounding regulariser's exponent, annealed from start to end")
+    warm_up: float = key(0.2, unit_fraction, 'fraction of the iterations before the regulariser starts')
+    prob: float = key(0.5, drop_prob, 'QDrop: probability of keeping an activation quantized (1.0 = BRECQ)')
+    cache_device: Literal['auto', 'cpu', 'device'] = key('auto', doc='where the cached activations live (cpu: '
+                                                                     'host memory feeding the GPU)')
+    cache_dtype: Literal['float32', 'float16', 'bfloat16'] = key('float32', doc='dtype of the cached activations '
+                                                                                '(16-bit halves the memory)')
     head_ops: Literal['classifier', 'last_block'] = key('classifier', doc='pooling, flatten and the classifier\'s '
                                                         'input quantizer open the classifier unit, or end the last '
                                                         'block (MQBench)')
@@ -296,14 +330,79 @@ class ReconstructionConfig(Section):
                                                          '(auto: host caches feeding a GPU; same numbers)')
 
 
+def bit_list(v):
+    """distinct bit-widths in 2..8"""
+    if not v:
+        return 'must list at least one bit-width'
+    if len(set(v)) != len(v):
+        return 'must not repeat a bit-width'
+    return next((f'must hold bit-widths in 2..8 ({b} is not)' for b in v if not 2 <= b <= 8), None)
+
+
+@dataclass
+class BitCandidates(Section):
+    """The bit-widths the search may give each layer it is allowed to change."""
+    w: List[int] = key([2, 3, 4, 8], bit_list, "weight bits of every searched conv/linear")
+    a: Optional[List[int]] = key(None, bit_list, 'input bits of every searched activation quantizer (null: '
+                                                 'quantize.a_qconfig.bit everywhere, not searched)')
+
+
+@dataclass
+class BitBudget(Section):
+    """Exactly one limit: the mean weight bits of the searched layers, the weights' size, or the compute."""
+    avg_w_bits: Optional[float] = key(None, positive, 'parameter-weighted mean weight bits of the layers the '
+                                                      'search may change')
+    size_mb: Optional[float] = key(None, positive, 'weights of every conv/linear as stored, packed bits, '
+                                                   'in 10^6 bytes')
+    bops_g: Optional[float] = key(None, positive, 'giga bit-operations: sum of MACs x weight bits x input bits')
+
+    def check_section(self):
+        given = [name for name in ('avg_w_bits', 'size_mb', 'bops_g') if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError('must set exactly one of avg_w_bits, size_mb, bops_g'
+                              + (f' (got {", ".join(given)})' if given else ''))
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ('avg_w_bits', 'size_mb', 'bops_g') if getattr(self, name) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+@dataclass
+class BitSearchConfig(Section):
+    """Mixed precision: each searchable layer's bits chosen from ``candidates`` to minimise the summed sensitivity
+    under ``budget`` (an exact integer programme). Layers fixed by ``layer_bits`` or the first/last-layer rule
+    are left as they are."""
+    candidates: BitCandidates = key(None, doc='the bit-widths to choose from')
+    budget: BitBudget = key(None, doc='one of avg_w_bits, size_mb, bops_g')
+    measure: Literal['output', 'fisher', 'weight', 'random'] = key(
+        'output', doc="each layer's sensitivity per bit-width: output = the logits' squared change with that layer "
+                      'alone quantized (data), fisher = diagonal Fisher times the weight error (data), weight = '
+                      'the weight error alone (data-free), random = a random importance per layer (a control)')
+    samples: int = key(256, positive, 'calibration images the data measures use')
+
+    def __post_init__(self):
+        self.candidates = BitCandidates() if self.candidates is None else self.candidates
+        if self.budget is None:
+            raise ConfigError('is required: one of avg_w_bits, size_mb, bops_g', 'budget')
+        super().__post_init__()
+        if self.candidates.a and self.measure in ('fisher', 'weight'):
+            raise ConfigError(f'{self.measure} ranks weight bits only: with candidates.a use measure output (or '
+                              'random)', 'measure')
+
+
 @dataclass
 class QuantizeConfig(Section):
-    w_qconfig: WeightQuantConfig = key(None)
-    a_qconfig: ActQuantConfig = key(None)
+    w_qconfig: WeightQuantConfig = key(None, doc='the weight quantizers')
+    a_qconfig: ActQuantConfig = key(None, doc='the activation (layer input) quantizers')
     layer_bits: List[LayerBits] = key([], doc='per-layer bit overrides: [{modules: [...], w_bit, a_bit}]')
-    fold_bn: bool = key(True)
+    bit_search: Optional[BitSearchConfig] = key(None, doc='mixed precision under a budget (null: the bits above)')
+    fold_bn: bool = key(True, doc='fold BatchNorm into the preceding conv before quantizing (BRECQ, QDrop)')
     cali_size: int = key(1024, positive, 'number of calibration images')
-    reconstruction: ReconstructionConfig = key(None)
+    reconstruction: ReconstructionConfig = key(None, doc='block reconstruction (AdaRound, BRECQ, QDrop)')
 
     def __post_init__(self):
         self.w_qconfig = WeightQuantConfig() if self.w_qconfig is None else self.w_qconfig
@@ -318,20 +417,26 @@ class QuantizeConfig(Section):
             'a_fakequantize': a.quantizer, 'w_qscheme': w.qscheme(), 'a_qscheme': a.qscheme()}}
 
 
+DEFAULT_K = 3  # the measured safe setting merges three pairs
 # MRECG's grouping options as the paper has them (the defaults below are the measured safe rule instead)
 PAPER_RULE = {'difference': 'squared', 'pairs': 'all', 'exclude_classifier': False, 'group_iterations': 'one_unit'}
 
 
 @dataclass
 class MrecgConfig(Section):
-    metric: Literal['none', 'modcap', 'loss'] = key('none')
-    k: Union[int, Literal['auto']] = key(0, lambda v: None if v == 'auto' or v >= 0 else 'must be >= 0 or auto',
-                                         'number of adjacent pairs to merge; auto = one per fall of the metric')
-    lam: Optional[float] = key(None, non_negative)
-    max_group_size: Optional[int] = key(None, lambda v: None if v >= 2 else 'must be >= 2')
+    metric: Literal['none', 'modcap', 'loss'] = key('modcap', doc='what groups units: ModCap (data-free), the '
+                                                                  "plain run's per-unit loss, or none (plain "
+                                                                  'BRECQ/QDrop)')
+    k: Union[int, Literal['auto'], None] = key(None, non_negative_or_auto,
+                                               'number of adjacent pairs to merge; auto = one per fall of the metric; '
+                                               f"null = {DEFAULT_K}, or all of a small model's eligible pairs if fewer")
+    lam: Optional[float] = key(None, non_negative, 'lets the number of merged pairs drift from k: maximise sum(d m) '
+                                                   '- lam (sum(m) - k)^2')
+    max_group_size: Optional[int] = key(None, at_least_two, 'largest number of units in one group')
     scheme: Union[List[List[str]], str, None] = key(None, doc="groups of module names, or 'authors'")
-    stride_penalty: float = key(0.5, lambda v: None if 0 < v <= 1 else 'must be in (0, 1]')
-    probe_iterations: Optional[int] = key(None, positive)
+    stride_penalty: float = key(0.5, penalty, "ModCap's factor for a layer with stride > 1")
+    probe_iterations: Optional[int] = key(None, positive, 'iterations per unit of the loss metric\'s plain probe '
+                                                          '(null: quantize.reconstruction.iterations)')
     difference: Literal['squared', 'relative', 'log'] = key('log', doc='pair score: (ln a - ln b)^2, (a-b)^2 (the '
                                                                      'paper), or relative to max(a, b)')
     pairs: Literal['all', 'falls'] = key('all', doc='falls: merge only pairs where the metric falls (a > b)')
@@ -347,6 +452,8 @@ class MrecgConfig(Section):
                               f"got {self.scheme!r}", 'scheme')
         if isinstance(self.scheme, list) and non_empty_groups(self.scheme):
             raise ConfigError(f'{non_empty_groups(self.scheme)}, got {self.scheme!r}', 'scheme')
+        if self.scheme and (self.metric, self.k) == ('modcap', None):  # the defaults: the scheme decides
+            self.metric = 'none'
         if self.scheme and (self.metric != 'none' or self.k):
             raise ConfigError('gives the groups explicitly: set mrecg.metric to none and mrecg.k to 0', 'scheme')
         if self.k == 'auto' and self.lam is not None:
@@ -361,7 +468,7 @@ class MrecgConfig(Section):
         if self.metric != 'none' or self.scheme:
             return []
         return [f'mrecg.{name} ({getattr(self, name)}) is ignored: mrecg.metric is none (plain reconstruction)'
-                for name in ('k', 'lam', 'max_group_size') if getattr(self, name)]
+                for name in ('k', 'lam', 'max_group_size') if getattr(self, name) not in (None, 0)]
 
     @property
     def grouped(self) -> bool:
@@ -370,20 +477,37 @@ class MrecgConfig(Section):
 
 @dataclass
 class ProcessConfig(Section):
-    seed: int = key(1005)
-    device: Literal['auto', 'cpu', 'cuda'] = key('auto')
+    seed: int = key(1005, doc='seeds calibration draws, QDrop masks, batches and workers: same seed, same numbers')
+    device: Literal['auto', 'cpu', 'cuda'] = key('auto', doc='auto = CUDA when present')
     cache_dir: str = key('.cache/mrecg', doc='loss-metric probes and (opt-in) calibrated quantizers')
     cache_calibration: bool = key(False, doc='reuse calibrated quantizer ranges across runs')
     dist_timeout_s: float = key(1800.0, positive, 'data-parallel runs: longest wait for another process')
 
 
+def percent(v):
+    """[0, 100]"""
+    return None if 0 <= v <= 100 else 'must be a percentage in [0, 100]'
+
+
+@dataclass
+class ExportConfig(Section):
+    """The check of ``--export onnx``: onnxruntime and the fake-quant model sum convolutions in different orders,
+    so single images may flip; a real mismatch moves many."""
+    min_agreement: float = key(99.0, percent, "% of evaluation images whose top-1 class onnxruntime and the "
+                                               'fake-quant model agree on, at least')
+    max_top1_gap: float = key(0.1, non_negative, 'largest top-1 difference in points (or max_gap_images images, '
+                                                 'whichever is more)')
+    max_gap_images: int = key(2, non_negative, 'largest top-1 difference in images (small evaluation sets)')
+
+
 @dataclass
 class Config(Section):
-    model: ModelConfig = key(None)
-    data: DataConfig = key(None)
-    quantize: QuantizeConfig = key(None)
-    mrecg: MrecgConfig = key(None)
-    process: ProcessConfig = key(None)
+    model: ModelConfig = key(None, doc='the float network and its checkpoint')
+    data: DataConfig = key(None, doc='calibration and evaluation data')
+    quantize: QuantizeConfig = key(None, doc='quantizers, bits and reconstruction')
+    mrecg: MrecgConfig = key(None, doc="MRECG's grouping of adjacent units")
+    process: ProcessConfig = key(None, doc='seed, device, caches')
+    export: ExportConfig = key(None, doc='the check of --export onnx')
 
     def __post_init__(self):
         for f in fields(self):

@@ -30,7 +30,7 @@ from mrecg.errors import UserError
 from mrecg.quantization import is_act_quantizer, quantizer_bits
 
 OPSET = 21
-MAX_TOP1_GAP = 0.1  # points: a larger gap between onnxruntime and the fake-quant model is an error
+MISMATCHES = 'export_mismatches.json'  # beside the model: the evaluation images whose top-1 classes differ
 
 
 class ExportError(UserError):
@@ -53,9 +53,15 @@ class ExportReport:
     eval_images: int = 0
     latency_ms: Dict[str, float] = field(default_factory=dict)  # batch-1 median, quantized and float
     onnxruntime: str = ''
+    top1_gap: Optional[float] = None  # |onnxruntime top-1 - fake-quant top-1|, points
+    disagreements: List[int] = field(default_factory=list)  # positions in the evaluation order
+    check: Dict[str, Any] = field(default_factory=dict)  # the rule, its allowed gap and the verdict
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """For ``results.json``: the images that differ are counted here and listed in ``MISMATCHES``."""
+        out = asdict(self)
+        out['disagreeing_images'] = len(out.pop('disagreements'))
+        return out
 
 
 # ---- graph writing ----------------------------------------------------------------------------------------
@@ -343,11 +349,12 @@ def _latency_ms(session, sample: np.ndarray, repeats: int = 50) -> float:
 
 
 @torch.no_grad()
-def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]):
-    """onnxruntime's and the fake-quant model's top-1 on the same batches, and the largest logit difference."""
+def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], report: ExportReport):
+    """onnxruntime's and the fake-quant model's top-1 on the same batches, the images whose top-1 classes
+    differ (positions in the evaluation order) and the largest logit difference, into ``report``."""
     qmodel = qmodel.cpu().eval()
-    hits_ort = hits_fq = same = total = 0
-    max_diff = 0.0
+    hits_ort = hits_fq = total = 0
+    max_diff, differ = 0.0, []
     for x, y in batches:
         ref = qmodel(x.float()).float()
         got = torch.from_numpy(session.run(None, {'input': x.float().numpy()})[0])
@@ -355,18 +362,20 @@ def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
         max_diff = max(max_diff, float(torch.nan_to_num(diff, nan=float('inf')).max()))  # NaN logits: inf
         hits_ort += int((got.argmax(1) == y).sum())
         hits_fq += int((ref.argmax(1) == y).sum())
-        same += int((got.argmax(1) == ref.argmax(1)).sum())
+        differ += (torch.nonzero(got.argmax(1) != ref.argmax(1)).flatten() + total).tolist()
         total += len(y)
     if total == 0:
         raise ExportError('export: the evaluation data is empty')
-    return 100.0 * hits_ort / total, 100.0 * hits_fq / total, 100.0 * same / total, max_diff, total
+    report.onnxruntime_top1, report.fake_quant_top1 = 100.0 * hits_ort / total, 100.0 * hits_fq / total
+    report.agreement, report.max_logit_diff, report.eval_images = 100.0 * (total - len(differ)) / total, max_diff, total
+    report.top1_gap, report.disagreements = abs(report.onnxruntime_top1 - report.fake_quant_top1), differ
 
 
 def export_onnx(qmodel: fx.GraphModule, path: str, sample: torch.Tensor,
                 eval_batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None) -> ExportReport:
     """Write ``path`` (quantized) and ``<path stem>.float.onnx`` (the same graph in float), load both in
     onnxruntime, time them at batch 1 and, with ``eval_batches``, compare top-1, argmax and logits with the
-    fake-quant model. ``sample`` is an input batch (for the shape). ``check_export`` applies the 0.1-point rule."""
+    fake-quant model. ``sample`` is an input batch (for the shape). ``check_export`` applies the agreement rule."""
     import onnx
     import onnxruntime as ort
     float_path = os.path.splitext(path)[0] + '.float.onnx'
@@ -381,19 +390,35 @@ def export_onnx(qmodel: fx.GraphModule, path: str, sample: torch.Tensor,
                           onnxruntime=ort.__version__,
                           latency_ms={'quantized': _latency_ms(q_session, one), 'float': _latency_ms(f_session, one)})
     if eval_batches is not None:
-        (report.onnxruntime_top1, report.fake_quant_top1, report.agreement, report.max_logit_diff,
-         report.eval_images) = _compare(q_session, qmodel, eval_batches)
+        _compare(q_session, qmodel, eval_batches, report)
     return report
 
 
-def check_export(report: ExportReport) -> None:
-    """The issue's rule: onnxruntime's top-1 may differ from the fake-quant model's by at most 0.1 point."""
+def judge_export(report: ExportReport, rule=None) -> bool:
+    """Apply the rule (``mrecg.config.ExportConfig``): the two engines agree on the top-1 class of at least
+    ``min_agreement`` % of the images AND their top-1 accuracies differ by at most max(``max_top1_gap`` points,
+    ``max_gap_images`` images). Records the rule, the allowed gap and the verdict in ``report.check``."""
+    from mrecg.config import ExportConfig
+    rule = rule or ExportConfig()
     if report.onnxruntime_top1 is None:
+        report.check = {'rule': asdict(rule), 'passed': None}
+        return True
+    allowed = max(rule.max_top1_gap, 100.0 * rule.max_gap_images / report.eval_images)
+    passed = report.agreement >= rule.min_agreement and report.top1_gap <= allowed + 1e-9
+    report.check = {'rule': asdict(rule), 'allowed_gap': allowed, 'passed': passed}
+    return passed
+
+
+def check_export(report: ExportReport, rule=None, mismatches: Optional[str] = None) -> None:
+    """``judge_export``, raising an ``ExportError`` that names both figures and where the differing images are
+    listed (``mismatches``: the file the caller wrote them to)."""
+    if judge_export(report, rule):
         return
-    gap = abs(report.onnxruntime_top1 - report.fake_quant_top1)
-    if gap > MAX_TOP1_GAP:
-        raise ExportError(f'export: onnxruntime top-1 {report.onnxruntime_top1:.2f} differs from the fake-quant '
-                          f'model\'s {report.fake_quant_top1:.2f} by {gap:.2f} > {MAX_TOP1_GAP} point '
-                          f'({report.agreement:.2f} % '
-                          f'of {report.eval_images} images agree, max logit difference {report.max_logit_diff:.3g}); '
-                          f'the files are in {os.path.dirname(os.path.abspath(report.path))}')
+    c = report.check
+    where = f'; they are listed in {mismatches}' if mismatches else ''
+    raise ExportError(f'export: onnxruntime and the fake-quant model agree on the top-1 class of '
+                      f'{report.agreement:.2f} % of {report.eval_images} images '
+                      f'(rule: >= {c["rule"]["min_agreement"]}) '
+                      f'and their top-1 differ by {report.top1_gap:.2f} points ({report.onnxruntime_top1:.2f} vs '
+                      f'{report.fake_quant_top1:.2f}; rule: <= {c["allowed_gap"]:.2f}); '
+                      f'{len(report.disagreements)} images differ{where}')

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from mrecg import capacity, grouping
-from mrecg.config import PAPER_RULE, Config
+from mrecg.config import DEFAULT_K, PAPER_RULE, Config
 from mrecg.errors import UserError
 from mrecg.quantization import fold_bn, layer_bit_table, prepare_model
 from mrecg.units import (BaseUnit, UnitPartition, called_only, groups_from_spans, is_generic, join_forks,
@@ -89,7 +89,8 @@ def solve_spans(cfg: Config, metric: Sequence[float], info: Optional[GroupingInf
     When only falls may merge and the curve has fewer than k, every fall merges (noted in ``info``)."""
     m = cfg.mrecg
     eligible = grouping.eligible_pairs(metric, m.pairs == 'falls', m.exclude_classifier)
-    k = grouping.auto_k(metric, eligible) if m.k == 'auto' else m.k
+    k = grouping.auto_k(metric, eligible) if m.k == 'auto' else default_k(m, sum(eligible), info) if m.k is None \
+        else m.k
     if m.pairs == 'falls' and m.lam is None and k > sum(eligible):
         if info is not None:
             info.notes.append(f'mrecg.k is {k} but the metric falls at only {sum(eligible)} eligible pairs: '
@@ -103,9 +104,17 @@ def solve_spans(cfg: Config, metric: Sequence[float], info: Optional[GroupingInf
     return grouping.spans_from_pairs(pairs)
 
 
+def default_k(m, eligible: int, info: Optional[GroupingInfo]) -> int:
+    """``mrecg.k: null``: the measured setting's k, or every eligible pair of a model that has fewer (noted)."""
+    if eligible < DEFAULT_K and info is not None:
+        info.notes.append(f'the default k ({DEFAULT_K}) is more than the {eligible} pairs this model may merge: '
+                          f'merged {eligible}')
+    return min(DEFAULT_K, eligible)
+
+
 def check_k(cfg: Config, num_units: int) -> None:
     m = cfg.mrecg
-    if m.metric == 'none' or m.k == 'auto':
+    if m.metric == 'none' or m.k in ('auto', None):
         return
     pairs = num_units - 1 - (1 if m.exclude_classifier else 0)
     if m.k > pairs:
@@ -145,8 +154,9 @@ def choose_groups(cfg: Config, partition: UnitPartition, loss_metric: Callable[[
         check_k(cfg, len(units))
         info.metric_values = info.plain_unit_losses = loss_metric()
         spans, info.source = solve_spans(cfg, info.metric_values, info), 'loss solver'
-    if m.k == 'auto' or info.notes:  # the count the metric decided
+    if m.k in ('auto', None) or info.notes:  # the count the metric (or the default) decided
         info.k = grouping.merged_pairs(spans)
+        info.options['k'] = m.k if m.k == 'auto' else info.k
     info.spans = [list(s) for s in spans]
     info.groups = [[u.name for u in units[a:b + 1]] for a, b in spans]
     return info
@@ -164,14 +174,23 @@ class Plan:
     info: GroupingInfo
     layer_bits: Dict[str, Tuple[int, Optional[int]]]
     generic_units: bool
+    allocation: Any = None  # mrecg.bitsearch.BitAllocation when the config searches bits
 
     def __str__(self) -> str:
         return render_plan(self)
 
 
-def plan(model: nn.Module, cfg: Config, cached_losses=None) -> Plan:
+def plan(model: nn.Module, cfg: Config, cached_losses=None, calib_images=None) -> Plan:
     """The plan of quantizing ``model`` with ``cfg``. With ``mrecg.metric: loss`` the probe losses must be
-    given (``cached_losses``: a list, or a function of the unit names): a plan never runs the probe."""
+    given (``cached_losses``: a list, or a function of the unit names): a plan never runs the probe. With
+    ``quantize.bit_search`` the allocation is searched (on the CPU); its data measures need ``calib_images``
+    (a tensor of calibration images), the data-free one (``measure: weight``) does not."""
+    allocation = None
+    if cfg.quantize.bit_search:
+        import torch
+        from mrecg.bitsearch import default_sample, search_bits, with_allocation
+        allocation = search_bits(model, cfg, calib_images, torch.device('cpu'), default_sample(model, cfg))
+        cfg = with_allocation(cfg, allocation)
     prepared = prepare(model, cfg)
     if callable(cached_losses):
         cached_losses = cached_losses([u.name for u in prepared.units])
@@ -186,7 +205,7 @@ def plan(model: nn.Module, cfg: Config, cached_losses=None) -> Plan:
     info = choose_groups(cfg, prepared.partition, loss_metric)
     label = cfg.model.type or type(model).__name__
     return Plan(label, cfg, prepared.units, caps, cached_losses, info, layer_bit_table(prepared.qmodel),
-                prepared.generic_units)
+                prepared.generic_units, allocation)
 
 
 def render_plan(p: Plan) -> str:
@@ -214,7 +233,7 @@ def render_plan(p: Plan) -> str:
     lines += ['', f'reconstruction units ({len(units)} -> {len(groups)}): '
               + ' | '.join(g.name(units) if g.first == g.last else f'[{g.name(units)}]' for g in groups)]
     lines += [f'note: {n}' for n in info.notes]
-    lines += bit_lines(cfg, p.layer_bits)
+    lines += allocation_lines(p.allocation) + bit_lines(cfg, p.layer_bits)
     if cfg.model.type in grouping.PUBLISHED_SCHEMES and cfg.quantize.reconstruction.granularity == 'block':
         try:
             pub = grouping.spans_from_scheme(grouping.PUBLISHED_SCHEMES[cfg.model.type], units)
@@ -228,6 +247,23 @@ def option_text(cfg: Config) -> str:
     """The grouping options that differ from the paper's rule, as ', key value' text."""
     m = cfg.mrecg
     return ''.join(f', {k} {getattr(m, k)}' for k, paper in PAPER_RULE.items() if getattr(m, k) != paper)
+
+
+def allocation_lines(allocation) -> List[str]:
+    """The bit search's summary: budget, measure, the allocation's figures against uniform bits."""
+    if allocation is None:
+        return []
+    f, u = allocation.figures, allocation.uniform
+    (kind, value), = allocation.budget.items()
+    hist = {}
+    for w in allocation.w_bits.values():
+        hist[w] = hist.get(w, 0) + 1
+    return [f'bit search: budget {kind} {value:g}, measure {allocation.measure}, {len(allocation.w_bits)} layers '
+            f'searched ({", ".join(f"{n} at W{b}" for b, n in sorted(hist.items()))}'
+            + (f'; {len(allocation.a_bits)} activation quantizers' if allocation.a_bits else '') + ')',
+            f'  allocation: avg {f["avg_w_bits"]:.3f} weight bits, {f["size_mb"]:.4g} MB, {f["bops_g"]:.4g} GBOPs '
+            f'(uniform config bits: avg {u["avg_w_bits"]:.3f}, {u["size_mb"]:.4g} MB, {u["bops_g"]:.4g} GBOPs); '
+            f'searched in {allocation.seconds:.1f} s']
 
 
 def bit_lines(cfg: Config, table: Dict[str, Tuple[int, Optional[int]]]) -> List[str]:

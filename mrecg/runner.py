@@ -34,7 +34,7 @@ CONFIG, RESULTS, CSV, PLOT, STATE, LOG, QMODEL = ('config.yaml', 'results.json',
                                                   'checkpoint.pt', 'run.log', 'quantized_model.pt')
 ONNX, FLOAT_ONNX = 'model.onnx', 'model.float.onnx'  # export_onnx names the float twin after ONNX
 PREVIOUS = 'previous_run'  # --overwrite keeps the finished run here until the new one has succeeded
-RUN_FILES = (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX)
+RUN_FILES = (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX, 'export_mismatches.json')
 STATE_FORMAT = 4  # 4: phases (started, calibrated, probe, reconstruction), weights/images digests
 
 
@@ -164,7 +164,8 @@ def save_state(output: str, digest: str, state: RunState) -> None:
         'fp_accuracy': asdict(state.fp_accuracy) if state.fp_accuracy else None,
         'grouping': asdict(state.grouping) if state.grouping else None,
         'results': [asdict(r) for r in state.results], 'hardened': state.hardened, 'qmodel': state.qmodel_state,
-        'probe': probe, 'elapsed': state.elapsed, 'world_size': state.world_size})
+        'probe': probe, 'elapsed': state.elapsed, 'world_size': state.world_size,
+        'bit_allocation': json.dumps(state.bit_allocation) if state.bit_allocation else None})
 
 
 def load_state(output: str, digest: str) -> Optional[RunState]:
@@ -188,9 +189,11 @@ def load_state(output: str, digest: str) -> Optional[RunState]:
         return None
     fp, g, p = raw['fp_accuracy'], raw['grouping'], raw['probe']
     probe = p and ProbeState([GroupResult(**r) for r in p['results']], p['hardened'], p['qmodel'])
+    allocation = json.loads(raw['bit_allocation']) if raw.get('bit_allocation') else None
     return RunState(Accuracy(**fp) if fp else None, GroupingInfo(**g) if g else None,
                     [GroupResult(**r) for r in raw['results']], raw['hardened'], raw['qmodel'], raw['elapsed'],
-                    raw['world_size'], raw['phase'], raw['weights'], raw['images'], raw['eval_data'], probe)
+                    raw['world_size'], raw['phase'], raw['weights'], raw['images'], raw['eval_data'], probe,
+                    allocation)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -201,6 +204,10 @@ def check_run(cfg: Config, export: bool = False) -> Tuple[nn.Module, Any, Option
     train, val = open_data(cfg)
     prepared = prepare(model, cfg)
     validate_grouping(cfg, prepared)
+    if cfg.quantize.bit_search:
+        from mrecg.bitsearch import check_budget
+        from mrecg.data import sample_input
+        check_budget(model, cfg, sample_input(train))
     if export:
         from mrecg.data import sample_input
         from mrecg.export import check_exportable
@@ -252,19 +259,28 @@ def peak_rss_bytes() -> int:
 
 def export_folder(output: str, cfg: Config, qmodel: nn.Module, train, val, record: Dict[str, Any]):
     """``DIR/model.onnx`` (+ ``model.float.onnx``) from the quantized model, checked in onnxruntime on the
-    evaluation data; the report goes into ``results.json`` under ``export`` before the 0.1-point rule is
-    applied, so a failing check loses nothing."""
-    from mrecg.data import eval_batches, sample_input
-    from mrecg.export import check_export, export_onnx
+    evaluation data; the report (with the check's figures and verdict) goes into ``results.json`` under
+    ``export`` and the images whose top-1 classes differ into ``DIR/export_mismatches.json`` before the rule
+    (``export`` config section) is enforced, so a failing check loses nothing."""
+    from mrecg.data import eval_batches, eval_sample, sample_input
+    from mrecg.export import MISMATCHES, check_export, export_onnx, judge_export
     d = cfg.data
     batches = eval_batches(val, d.batch_size, d.eval_limit, seed=d.split_seed) if val is not None else None
     report = export_onnx(qmodel.cpu(), os.path.join(output, ONNX), sample_input(train), batches)
+    judge_export(report, cfg.export)
+    mismatches = os.path.join(output, MISMATCHES)
+    if report.onnxruntime_top1 is not None:
+        indices = eval_sample(len(val), d.eval_limit, d.split_seed)
+        write_json(mismatches, {'positions': report.disagreements,
+                                'dataset_indices': [int(indices[i]) for i in report.disagreements],
+                                'note': 'positions in the evaluation order; dataset_indices into the evaluation '
+                                        'dataset (data.eval_limit samples it with data.split_seed)'})
     record['export'] = report.to_dict()
     write_json(os.path.join(output, RESULTS), record)
     log.info('export: %s (%d bytes; float %d bytes), onnxruntime top-1 %s vs fake-quant %s, %s %% agree',
              report.path, report.file_bytes, report.float_file_bytes, report.onnxruntime_top1,
              report.fake_quant_top1, report.agreement)
-    check_export(report)
+    check_export(report, cfg.export, mismatches)
     return report
 
 
@@ -306,6 +322,7 @@ def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
             'first_last_layer': '8-bit weights and inputs (MQBench academic backend)',
             'w_qconfig': asdict(q.w_qconfig), 'a_qconfig': asdict(q.a_qconfig),
             'layer_bits': [asdict(b) for b in q.layer_bits], 'cali_size': q.cali_size,
+            'bit_search': asdict(q.bit_search) if q.bit_search else None,
             'granularity': q.reconstruction.granularity, 'reconstruction': asdict(q.reconstruction),
             'input_size': cfg.data.input_size, 'test_resize': cfg.data.test_resize,
             'cali_transform': cfg.data.cali_transform},
@@ -318,6 +335,9 @@ def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
     }
     if g.plain_unit_losses:
         record['plain_loss_curve'] = oscillation_stats(r.unit_names, g.plain_unit_losses)
+    record['size'] = r.size
+    if r.bit_search:
+        record['bit_search'] = r.bit_search
     return record
 
 
@@ -329,6 +349,23 @@ def csv_row(record: Dict[str, Any]) -> Dict[str, Any]:
             'max_unit_loss': curve['max_unit_loss'], 'oscillation': curve['oscillation'],
             'k': record['grouping']['k'], 'groups': ' | '.join('+'.join(g) for g in record['grouping']['groups']),
             'seconds': round(record['timing']['total_seconds'], 1)}
+
+
+def plan_images(cfg: Config):
+    """The calibration images --plan needs for a bit search with a data measure (None when it needs none)."""
+    from mrecg.bitsearch import DATA_MEASURES
+    from mrecg.data import calibration_images
+    bs = cfg.quantize.bit_search
+    if bs is None or bs.measure not in DATA_MEASURES:
+        return None
+    try:
+        train, _ = open_data(replace(cfg, data=replace(cfg.data, evaluate=False)))
+    except UserError as exc:
+        raise UserError(f'quantize.bit_search.measure {bs.measure} needs the calibration data ({exc}); '
+                        '--set quantize.bit_search.measure=weight plans without data') from None
+    size = min(bs.samples, cfg.quantize.cali_size)
+    d = cfg.data
+    return calibration_images(train, cfg.quantize.cali_size, cfg.process.seed, d.batch_size, d.num_workers)[:size]
 
 
 def cached_plan_losses(cfg: Config, model: nn.Module, unit_names: List[str]) -> Optional[List[float]]:

@@ -16,6 +16,7 @@ TINY = {
     'data': {'type': 'digits', 'batch_size': 64, 'eval_limit': 200},
     'quantize': {'w_qconfig': {'bit': 2, 'p': 2.0}, 'a_qconfig': {'bit': 4, 'p': 2.0}, 'cali_size': 64,
                  'reconstruction': {'iterations': 12, 'batch_size': 16, 'weight': 0.1}},
+    'mrecg': {'metric': 'none'},  # plain QDrop unless a test asks for MRECG (the defaults group with ModCap, k=3)
     'process': {'seed': 7, 'device': 'cpu'},
 }
 

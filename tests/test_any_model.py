@@ -87,6 +87,7 @@ def config(path, **sections):
            'data': {'type': 'digits', 'batch_size': 64, 'eval_limit': 200},
            'quantize': {'w_qconfig': {'bit': 4, 'p': 2.0}, 'a_qconfig': {'bit': 4, 'p': 2.0}, 'cali_size': 64,
                         'reconstruction': {'iterations': 10, 'batch_size': 16}},
+           'mrecg': {'metric': 'none'},  # plain units: these tests are about models, not grouping
            'process': {'seed': 3, 'device': 'cpu'}}
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v}
@@ -169,7 +170,8 @@ def test_torchvision_and_timm_models_plan_and_quantize(spec, kwargs, tmp_path, c
     images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     result = mrecg.quantize(model, images, {'data': {'batch_size': 16}, 'quantize': {
         'cali_size': 16, 'reconstruction': {'iterations': 2, 'batch_size': 8}}, 'process': {'device': 'cpu'}})
-    assert len(result.units) == len(result.unit_names) > 5
+    assert len(result.unit_names) > 5 and len(result.units) == len(result.unit_names) - 3  # the default: 3 pairs
+    assert result.grouping.source == 'modcap solver' and result.grouping.k == 3
     assert all(loss is not None and loss == loss for loss in result.unit_losses)
 
 

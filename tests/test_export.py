@@ -87,6 +87,9 @@ def test_cli_export_and_the_folder_script_agree(tmp_path, capsys):
     e = r['export']
     assert e['fake_quant_top1'] == r['quant_top1'] and e['onnxruntime_top1'] == r['quant_top1']
     assert os.path.isfile(out / 'model.onnx') and os.path.isfile(out / 'model.float.onnx')
+    assert e['check']['passed'] is True and e['check']['rule']['min_agreement'] == 99.0
+    listed = json.loads((out / 'export_mismatches.json').read_text())
+    assert len(listed['positions']) == e['disagreeing_images'] == len(listed['dataset_indices'])
     again = subprocess.run([sys.executable, '-m', 'mrecg', 'export', str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -106,13 +109,29 @@ def test_a_model_from_a_file_exports(tmp_path):
     assert report.weight_types['uint4'] == 2 and report.agreement >= 99.0
 
 
-def test_top1_gap_above_a_tenth_of_a_point_is_an_error():
-    report = ExportReport('m.onnx', 'm.float.onnx', 21, 1, 2, onnxruntime_top1=97.0, fake_quant_top1=97.2,
-                          agreement=99.8, max_logit_diff=0.5, eval_images=500)
-    with pytest.raises(ExportError, match='differs from the fake-quant model'):
-        check_export(report)
-    check_export(ExportReport('m.onnx', 'm.float.onnx', 21, 1, 2, onnxruntime_top1=97.0, fake_quant_top1=97.05,
-                              agreement=100.0, max_logit_diff=0.1, eval_images=10000))
+def report(ort, fq, agreement, images, differ):
+    return ExportReport('m.onnx', 'm.float.onnx', 21, 1, 2, onnxruntime_top1=ort, fake_quant_top1=fq,
+                        agreement=agreement, max_logit_diff=0.5, eval_images=images, top1_gap=abs(ort - fq),
+                        disagreements=list(range(differ)))
+
+
+def test_the_check_wants_agreement_and_a_small_gap():
+    """>= 99 % of the images with the same top-1 class AND a top-1 gap <= max(0.1 point, 2 images)."""
+    check_export(report(96.0, 95.6, 99.6, 500, 2))  # 2 of 500 images: 0.4 points, allowed
+    check_export(report(97.0, 97.05, 100.0, 10000, 0))
+    with pytest.raises(ExportError) as exc:  # 3 images of 500 move the top-1
+        check_export(report(96.0, 95.4, 99.4, 500, 3), mismatches='DIR/export_mismatches.json')
+    assert '99.40 % of 500 images' in str(exc.value) and 'differ by 0.60 points' in str(exc.value)
+    assert '3 images differ; they are listed in DIR/export_mismatches.json' in str(exc.value)
+    with pytest.raises(ExportError, match='rule: >= 99.0'):  # a small gap, but 2 % of the images disagree
+        check_export(report(90.0, 90.0, 98.0, 10000, 200))
+    with pytest.raises(ExportError, match=r'rule: <= 0\.10'):  # big set: 0.1 point is more than 2 images
+        check_export(report(90.0, 90.2, 99.8, 10000, 20))
+    from mrecg.config import ExportConfig
+    check_export(report(90.0, 90.2, 99.8, 10000, 20), ExportConfig(max_top1_gap=0.25))  # thresholds are settable
+    r = report(96.0, 95.6, 99.6, 500, 2)
+    from mrecg.export import judge_export
+    assert judge_export(r) and r.check['allowed_gap'] == 0.4 and r.to_dict()['disagreeing_images'] == 2
 
 
 def test_an_operation_without_onnx_form_is_named():

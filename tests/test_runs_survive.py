@@ -349,13 +349,13 @@ def test_set_values_are_yaml_1_2(tmp_path):
 
 
 def test_metric_none_on_an_mrecg_config_runs_plain_and_says_what_is_ignored(tmp_path, capsys):
-    cfg = write(tmp_path, {'mrecg': {'metric': 'modcap', 'k': 3}})
+    cfg = write(tmp_path, {'mrecg': {'metric': 'modcap', 'k': 2}})
     out = tmp_path / 'plain'
     code, _, err = cli(['--config', cfg, '--output', str(out), '--no-progress', '--set', 'mrecg.metric=none'], capsys)
     assert code == 0, err
     r = results(str(out))
     assert r['method'] == 'qdrop' and r['grouping']['groups'] == []
-    assert any('mrecg.k (3) is ignored' in n for n in r['grouping']['notes'])
+    assert any('mrecg.k (2) is ignored' in n for n in r['grouping']['notes'])
 
 
 # ---- the library's contract -------------------------------------------------------------------------------

@@ -129,16 +129,17 @@ def plot(path: str, table: List[Dict], study: str, title: str) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg study ablation', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', required=True)
-    p.add_argument('--study', choices=['batch', 'components'], required=True)
+    p.add_argument('--config', required=True, help='the config every variant starts from')
+    p.add_argument('--study', choices=['batch', 'components'], required=True,
+                   help='batch: the two sizes scaled together and alone; components: plain, grouping, expansion, both')
     p.add_argument('--factors', nargs='+', type=int, default=[1, 2, 4], help='batch study: size multipliers')
     p.add_argument('--expand', type=int, default=4, help='components study: the batch expansion factor')
-    p.add_argument('--seeds', nargs='+', type=int, default=[1])
+    p.add_argument('--seeds', nargs='+', type=int, default=[1], help='process.seed of each run')
     p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
-    p.add_argument('--out', required=True)
+    p.add_argument('--out', required=True, help='folder of the runs and the tables')
     p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
-    p.add_argument('--ray-cpus', type=int, default=1)
-    p.add_argument('--analyse-only', action='store_true')
+    p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
+    p.add_argument('--analyse-only', action='store_true', help='only rebuild the table and plots')
     return p
 
 

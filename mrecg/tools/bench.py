@@ -365,16 +365,17 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument('--input-size', type=int, default=224, help='synthetic: image side')
     parser.add_argument('--images', type=int, default=0,
                         help='synthetic: cached calibration images (default: one batch)')
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='config overrides for both engines')
     parser.add_argument('--iters', type=int, default=200, help='iterations per unit (both engines)')
     parser.add_argument('--prob', type=float, default=0.5, help='0.5 = QDrop, 1.0 = BRECQ')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='where both engines run')
     parser.add_argument('--seeds', nargs='+', type=int, default=None,
                         help='run every engine once per seed (default: the config\'s seed); the last line then '
                              'gives the total-time speedup and the mean top-1 difference')
     parser.add_argument('--warmup', type=int, default=3,
                         help='untimed iterations per unit of every engine before timing (0: none; see warm_up)')
-    parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'])
+    parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'],
+                        help='which engines to time (one alone for its own peak memory)')
     return parser
 
 

@@ -61,6 +61,9 @@ def settings_label(r):
     marks = [SETTING_LABELS[(key, value)] for key, value in (
         ('ste_bounds', s.get('a_qconfig', {}).get('ste_bounds', 'strict')),
         ('head_ops', s.get('reconstruction', {}).get('head_ops', 'classifier'))) if (key, value) in SETTING_LABELS]
+    if r.get('bit_search'):  # mixed precision: its budget and measure, never pooled with the uniform rows
+        (kind, value), = r['bit_search']['budget'].items()
+        marks.append(f'mixed {kind} {value:g}, {r["bit_search"]["measure"]}')
     return f' [{", ".join(marks)}]' if marks else ''
 
 
@@ -204,7 +207,7 @@ def write_curves(curves, rank, prefix):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg collect', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('folders', nargs='+')
+    p.add_argument('folders', nargs='+', help='folders searched for results.json (a sweep\'s --out)')
     p.add_argument('--out', help='path prefix of the .md and .csv (default: <first folder>/table)')
     p.add_argument('--no-curves', action='store_true', help='skip the loss-curve plots and numbers')
     return p

@@ -16,6 +16,7 @@ import time
 
 from mrecg.api import QuantizationResult, Timings, resolve_device
 from mrecg.baselines import mqbench_reconstruct
+from mrecg.bitsearch import model_figures
 from mrecg.config import dump_config, load_config
 from mrecg.data import calibration_images, eval_batches
 from mrecg.errors import UserError
@@ -90,7 +91,8 @@ def baseline_run(cfg, model, train, val, output: str, device, progress: bool) ->
     timing = Timings(reconstruction_seconds=recon_seconds, total_seconds=time.perf_counter() - t0)
     result = QuantizationResult(quantized, 'mqbench-' + ('brecq' if rec.prob >= 1.0 else 'qdrop'),
                                 [u.name for u in prepared.units], probe.unit_losses, [], info, fp_acc, q_acc,
-                                layer_bit_table(quantized), timing, 0, prepared.bn_folded, str(device))
+                                layer_bit_table(quantized), timing, 0, prepared.bn_folded, str(device),
+                                size=model_figures(quantized, images[:1]))
     summary = results_record(cfg, result)
     write_json(os.path.join(output, RESULTS), summary)
     print(f'{summary["method"]} {cfg.model.type} W{summary["w_bits"]}A{summary["a_bits"]}: quantized top-1 '

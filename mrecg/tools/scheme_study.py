@@ -239,16 +239,16 @@ def analyse(args, cfg: mrecg.Config, names: List[str]) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg study schemes', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', required=True)
+    p.add_argument('--config', required=True, help='the config every scheme runs with')
     p.add_argument('--schemes', type=int, default=16, help='random schemes to sample')
-    p.add_argument('--sample-seed', type=int, default=0)
+    p.add_argument('--sample-seed', type=int, default=0, help='seed of the random schemes')
     p.add_argument('--max-pairs', type=int, help='most merged pairs in a random scheme (default: all)')
     p.add_argument('--max-group-size', type=int, help='largest group of a random scheme')
-    p.add_argument('--seeds', nargs='+', type=int, default=[1])
+    p.add_argument('--seeds', nargs='+', type=int, default=[1], help='process.seed of each run')
     p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
-    p.add_argument('--out', required=True)
+    p.add_argument('--out', required=True, help='folder of the runs and the tables')
     p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
-    p.add_argument('--ray-cpus', type=int, default=1)
+    p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
     p.add_argument('--analyse-only', action='store_true', help='only rebuild the table and plots')
     return p
 

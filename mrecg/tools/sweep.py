@@ -152,17 +152,18 @@ def run_ray(jobs, address, cpus):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg sweep', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--configs', nargs='+', required=True)
-    p.add_argument('--methods', nargs='+', default=['qdrop', 'mrecg+qdrop'], choices=list(METHODS))
+    p.add_argument('--configs', nargs='+', required=True, help='YAML configs to run')
+    p.add_argument('--methods', nargs='+', default=['qdrop', 'mrecg+qdrop'], choices=list(METHODS),
+                   help='methods to run on every config (see above)')
     p.add_argument('--grouping', nargs='+', choices=['config', 'authors', 'modcap', 'loss'],
                    help='groupings of the MRECG methods (default: config, or none when --variant is given)')
     p.add_argument('--variant', nargs='+', action='append', default=[], metavar=('NAME', 'KEY=VALUE'),
                    help='a named set of overrides for the MRECG methods (folder <method>_<NAME>); repeatable')
-    p.add_argument('--k', nargs='+', type=int, default=[3])
-    p.add_argument('--seeds', nargs='+', type=int, default=[1005])
+    p.add_argument('--k', nargs='+', type=int, default=[3], help='k of the modcap and loss groupings')
+    p.add_argument('--seeds', nargs='+', type=int, default=[1005], help='process.seed of each run')
     p.add_argument('--bits', nargs='+', help='W_A pairs such as 4_4 2_4 (default: each config\'s own)')
     p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='extra overrides for every run')
-    p.add_argument('--out', required=True)
+    p.add_argument('--out', required=True, help='folder of the runs')
     p.add_argument('--dry-run', action='store_true', help='list the runs and their commands')
     p.add_argument('--progress', action='store_true', help='show progress bars of each run (serial only)')
     p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',

@@ -8,14 +8,13 @@ the graph rule makes, the largest unit (in conv/linear layers) and the time of t
 fails shows the one-line error a user would get. With ``--export`` each traced model is also quantized
 (16 random 3x96x96 images, 1 iteration per unit: a smoke check, not an accuracy) and exported to ONNX.
 """
+import argparse
 import os
 import tempfile
-import argparse
 import time
 
-import torch.nn as nn
-
 import torch
+import torch.nn as nn
 
 import mrecg
 from mrecg.errors import UserError
@@ -54,31 +53,60 @@ def exports(model: nn.Module) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg models', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('models', nargs='*', default=DEFAULT)
+    p.add_argument('models', nargs='*', default=DEFAULT, help='model types (default: the list above)')
     p.add_argument('--export', action='store_true', help='also quantize (smoke) and export each model to ONNX')
+    p.add_argument('--csv', metavar='PATH', help='also write the rows with their provenance (the docs read '
+                                               'results/model_coverage.csv)')
     return p
 
 
+def coverage_row(spec: str, export: bool) -> dict:
+    """One model's row: traced or the one-line error, units, the largest unit, plan seconds, (ONNX export)."""
+    t = time.perf_counter()
+    row = {'model': spec, 'traced': 'no', 'base_units': '-', 'largest_unit': '', 'plan_s': '', 'onnx_export': '-'}
+    try:
+        model = mrecg.create_model(spec)
+        plan = mrecg.plan(model, {'model': {'type': spec}})
+        largest = max(plan.units, key=lambda u: weight_layers(model, u.modules))
+        row.update(traced='yes', base_units=len(plan.units),
+                   largest_unit=f'{weight_layers(model, largest.modules)} ({largest.name[:40]})')
+        row['plan_s'] = f'{time.perf_counter() - t:.1f}'
+        if export:
+            row['onnx_export'] = exports(model)
+    except UserError as exc:
+        row.update(largest_unit=str(exc)[:160], plan_s=f'{time.perf_counter() - t:.1f}')
+    return row
+
+
+def write_csv(path: str, rows, argv) -> None:
+    """The rows with their provenance (results/model_coverage.csv, which the docs' models page shows)."""
+    import csv
+    import platform
+    import subprocess
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    prov = {'date': time.strftime('%Y-%m-%d'), 'commit': commit or 'unknown',
+            'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores', 'command': 'mrecg models ' + ' '.join(argv),
+            'versions': f'torch {torch.__version__}, timm {__import__("timm").__version__}'}
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], 'date', 'commit', 'machine', 'versions', 'command'])
+        writer.writeheader()
+        writer.writerows({**r, **prov} for r in rows)
+
+
 def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    extra = ' ONNX export |' if args.export else ''
-    print('| model | traced | base units | largest unit (conv/linear layers) | plan s |' + extra)
-    print('| --- | --- | --- | --- | --- |' + (' --- |' if args.export else ''))
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    columns = ['model', 'traced', 'base_units', 'largest_unit', 'plan_s'] + (['onnx_export'] if args.export else [])
+    print('| ' + ' | '.join(columns) + ' |')
+    print('|' + ' --- |' * len(columns))
+    rows = []
     for spec in args.models:
-        t = time.perf_counter()
-        try:
-            model = mrecg.create_model(spec)
-            plan = mrecg.plan(model, {'model': {'type': spec}})
-            largest = max(plan.units, key=lambda u: weight_layers(model, u.modules))
-            size = weight_layers(model, largest.modules)
-            seconds = time.perf_counter() - t
-            onnx = f' {exports(model)} |' if args.export else ''
-            print(f'| `{spec}` | yes | {len(plan.units)} | {size} (`{largest.name[:40]}`) | {seconds:.1f} |{onnx}',
-                  flush=True)
-        except UserError as exc:
-            print(f'| `{spec}` | no | - | {str(exc)[:160]} | {time.perf_counter() - t:.1f} |' + (' - |' if args.export
-                                                                                                 else ''), flush=True)
+        rows.append(coverage_row(spec, args.export))
+        print('| ' + ' | '.join(str(rows[-1][c]) for c in columns) + ' |', flush=True)
+    if args.csv:
+        shown = [a for a in argv if a not in ('--csv', args.csv)]
+        write_csv(args.csv, [{c: r[c] for c in columns} for r in rows], shown)
     return 0
 
 

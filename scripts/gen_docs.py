@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""Write the generated parts of README.md and docs/ from the code and the data files, or check that they are
+current (CI: ``--check``, exit 1 naming every stale file).
+
+    python scripts/gen_docs.py            # rewrite
+    python scripts/gen_docs.py --check    # compare only
+
+Whole pages: ``docs/reference/config.md`` (every key of ``mrecg.Config``: type, default, range, doc),
+``docs/reference/cli.md`` (every command's ``--help`` from its parser) and ``docs/reference/models.md`` (the
+registry and ``results/model_coverage.csv``). Blocks inside hand-written pages, between
+``<!-- generated: NAME key=value ... -->`` and ``<!-- end generated -->``, are rendered by the function
+``block_NAME`` below, from ``results/*.csv`` / ``*.json``: a number is written once, in its data file, with the
+command, machine, date and commit that produced it.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+import typing
+from dataclasses import MISSING, fields
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'results')
+BLOCK = re.compile(r'(<!-- generated: (?P<name>\w+)(?P<args>[^>]*?)-->\n)(?P<body>.*?)(<!-- end generated -->)', re.S)
+PROVENANCE = ('date', 'commit', 'machine', 'versions', 'command')
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+def rows_of(name: str) -> List[Dict[str, str]]:
+    with open(os.path.join(RESULTS, name + '.csv'), newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def select(rows, where: str):
+    """``where=col:value;col2:value2`` keeps the rows whose columns hold those values."""
+    for clause in filter(None, (where or '').split(';')):
+        col, _, value = clause.partition(':')
+        rows = [r for r in rows if r[col] == value]
+    return rows
+
+
+def provenance(name: str, rows) -> str:
+    """Where the numbers of a table come from: its data file and each distinct command, machine, date, commit."""
+    seen = []
+    for r in rows:
+        key = tuple(r.get(k, '') for k in PROVENANCE)
+        if key not in seen:
+            seen.append(key)
+    lines = [f'<small>Data: `results/{name}.csv`.']
+    for date, commit, machine, versions, command in seen:
+        lines.append(f' `{command}` — {machine}; {versions}; {date}, commit {commit}.')
+    return ''.join(lines) + '</small>'
+
+
+def cell(value) -> str:
+    """A table cell: pipes escaped; angle brackets outside code spans escaped (else they read as HTML tags)."""
+    parts = str(value).replace('|', '\\|').split('`')
+    return '`'.join(p if i % 2 else p.replace('<', '&lt;').replace('>', '&gt;') for i, p in enumerate(parts))
+
+
+def markdown_table(header: List[str], body: List[List[str]]) -> str:
+    out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    out += ['| ' + ' | '.join(cell(c) for c in row) + ' |' for row in body]
+    return '\n'.join(out)
+
+
+def mean_std(r: Dict[str, str], mean: str = 'top1_mean', std: str = 'top1_std', delta: str = 'delta_vs_plain',
+             worse: str = 'below_plain') -> str:
+    if not r.get(mean):
+        return '-'
+    cell = r[mean] + (f' ± {r[std]}' if r.get(std) else '')
+    if r.get(delta):
+        cell += f' ({r[delta]}{" ✗" if r.get(worse) == "True" else ""})'
+    return cell
+
+
+# ---- blocks ----------------------------------------------------------------------------------------------------
+def block_table(file: str, columns: str = '', where: str = '', headers: str = '') -> str:
+    """The rows of a data file (``columns`` to show, comma-separated; ``headers`` to rename them)."""
+    rows = select(rows_of(file), where)
+    cols = columns.split(',') if columns else [c for c in rows[0] if c not in PROVENANCE]
+    names = headers.split(',') if headers else cols
+    return markdown_table(names, [[r[c] for c in cols] for r in rows]) + '\n\n' + provenance(file, rows)
+
+
+def block_pivot(file: str, rows_by: str, cols_by: str, where: str = '', kind: str = 'top1', value: str = '') -> str:
+    """Long rows pivoted: one table row per ``rows_by`` values, one column per ``cols_by`` value; cells are
+    ``mean ± std (delta)`` (``kind=top1`` or ``loss``) or the column ``value``."""
+    rows = select(rows_of(file), where)
+    keys = rows_by.split(',')
+    columns = list(dict.fromkeys(r[cols_by] for r in rows))
+    order = list(dict.fromkeys(tuple(r[k] for k in keys) for r in rows))
+    table = {(tuple(r[k] for k in keys), r[cols_by]): r for r in rows}
+    render = (lambda r: r[value]) if value else {
+        'top1': mean_std, 'loss': lambda r: mean_std(r, 'max_unit_loss_mean', 'max_unit_loss_std')}[kind]
+    body = [[*key, *(render(table[(key, c)]) if (key, c) in table else '-' for c in columns)] for key in order]
+    labels = [{'w_a': 'W/A'}.get(k, k.replace('_', ' ')) for k in keys]
+    return markdown_table(labels + columns, body) + '\n\n' + provenance(file, rows)
+
+
+def block_demo() -> str:
+    with open(os.path.join(RESULTS, 'demo.json')) as f:
+        d = json.load(f)
+    return (f'```text\n{d["prints"]}\n```\n<small>`{d["command"]}` — {d["machine"]}; {d["versions"]}; {d["date"]}, '
+            f'commit {d["commit"]}; {d["seconds"]} s.</small>')
+
+
+def block_failures() -> str:
+    with open(os.path.join(RESULTS, 'failure_scenarios.json')) as f:
+        d = json.load(f)
+    body = []
+    for r in d['rows']:
+        then = f'`{r["then"]}`: exit {r["then_exit_code"]}' if r.get('then') else ''
+        body.append([r['scenario'], f'{r["exit_code"]}: `{r["user_sees"]}`', then, r['nothing_lost']])
+    return (markdown_table(['what happens', 'exit code: what the user sees', 'then', 'what is kept'], body)
+            + f'\n\n<small>Data: `results/failure_scenarios.json`. `{d["command"]}` (digits model, every scenario in '
+              f'a fresh folder) — {d["machine"]}; {d["date"]}, commit {d["commit"]}.</small>')
+
+
+def block_bits(model: str) -> str:
+    rows = rows_of(f'bits_{model}')
+    body = [[r['variant'], r['seeds'], f'{float(r["size_mb"]):.4f}', f'{float(r["mean_w_bits"]):.2f}',
+             f'{float(r["bops_g"]):.4g}', f'{float(r["top1_mean"]):.2f} ± {float(r["top1_std"]):.2f}',
+             r['search_s'] and f'{float(r["search_s"]):.1f} / {float(r["run_s"]):.0f}'] for r in rows]
+    return markdown_table(['variant', 'seeds', 'weights MB', 'mean W bits', 'GBOPs', 'top-1', 'search s / run s'],
+                          body) + '\n\n' + provenance(f'bits_{model}', rows)
+
+
+def block_at_a_glance() -> str:
+    """README's headline numbers, each from its data file."""
+    rules = rows_of('grouping_rules')
+    pick = lambda m, wa, g: next(r for r in rules if r['model'] == m and r['w_a'] == wa and r['grouping'] == g)  # noqa
+    body = []
+    for wa in ('2/4', '3/3'):
+        for m in ('mobilenet_v2_small', 'resnet_small', 'regnetx_small'):
+            plain, ours = pick(m, wa, 'QDrop'), pick(m, wa, 'MRECG recommended + QDrop')
+            body.append([f'{m} W{wa[0]}A{wa[2]}', mean_std(plain), mean_std(ours)])
+    return (markdown_table(['Fashion-MNIST, 3 seeds', 'QDrop', 'MRECG (default grouping) + QDrop'], body)
+            + '\n\n' + provenance('grouping_rules', rules[:1]))
+
+
+def block_groups() -> str:
+    """The groups ModCap picks on the paper's four models (data-free, from the code) next to the authors' ones."""
+    import mrecg
+    from mrecg.config import PAPER_RULE
+    from mrecg.grouping import PUBLISHED_SCHEMES
+    body = []
+    for name, k in (('resnet18', 2), ('resnet50', 4), ('regnetx_600m', 4), ('mobilenet_v2', 7)):
+        model = mrecg.create_model(name)
+        base = {'model': {'type': name}, 'data': {'type': 'imagenet'}, 'quantize': {'w_qconfig': {'bit': 2}}}
+        cells = []
+        for rule in (dict(PAPER_RULE, k=k), {'k': k}):
+            info = mrecg.plan(model, {**base, 'mrecg': {'metric': 'modcap', **rule}}).info
+            cells.append('; '.join('+'.join(g) for g in info.groups))
+        body.append([name, k, *cells, '; '.join('+'.join(g) for g in PUBLISHED_SCHEMES[name])])
+    return (markdown_table(['model', 'k', "ModCap, the paper's rule", 'ModCap, the default rule', "the authors' "
+                            '(hand-picked from losses)'], body)
+            + '\n\n<small>From the code: `mrecg plan` on each registry model (W2, data-free), '
+              '`scripts/gen_docs.py`.</small>')
+
+
+def block_ci() -> str:
+    with open(os.path.join(RESULTS, 'ci.json')) as f:
+        d = json.load(f)
+    tests, total = divmod(d['test_seconds'], 60), divmod(d['total_seconds'], 60)
+    return (f'{d["passed"]} tests pass ({d["skipped"]} skipped) in {tests[0]} min {tests[1]} s; '
+            f'the whole of CI, install included, {total[0]} min {total[1]} s.\n\n'
+            f'<small>Data: `results/ci.json`. `{d["command"]}` — {d["machine"]}; {d["date"]}, commit {d["commit"]}; '
+            f'recorded by `scripts/record_ci.py`.</small>')
+
+
+def block_bits_summary() -> str:
+    """Per model: the front table, its plot and the measures' rank correlation, from results/bits_*."""
+    parts = []
+    for model, title in (('mbv2', 'MobileNetV2 (small)'), ('resnet', 'ResNet (small)'), ('regnet', 'RegNetX (small)')):
+        if not os.path.isfile(os.path.join(RESULTS, f'bits_{model}.csv')):
+            continue
+        parts += [f'### {title}', '', block_bits(model), '', f'![{title}](../img/bits_{model}.png)', '']
+    if not os.path.isfile(os.path.join(RESULTS, 'bits_correlation.csv')):
+        return '\n'.join(parts) or 'Not measured yet.'
+    parts += ['### Which measure predicts accuracy', '', 'Spearman rank correlation, within one budget, between a '
+              "measure's predicted sensitivity of an allocation (summed over the searched layers) and the allocation's "
+              'top-1 over every finished run of that budget (negative: the measure ranks well):', '',
+              block_pivot('bits_correlation', 'model,budget', 'measure', value='spearman')]
+    return '\n'.join(parts)
+
+
+# ---- whole pages -------------------------------------------------------------------------------------------------
+def config_page() -> str:
+    from mrecg.config import Config, describe, section_hint
+    lines = ['# Config reference', '',
+             '<!-- generated by scripts/gen_docs.py from mrecg/config.py: edit the code, not this page -->', '',
+             'Every key of `mrecg.Config`, as YAML writes it. A config file may extend others with `_base_:`; '
+             '`--set key.path=value` overrides any key (values are YAML 1.2: `1e-3` is a number, `on` a string). '
+             'A key not listed here is an error with a did-you-mean. **A config that writes only `model` and `data` '
+             'gets these defaults**: MRECG with ModCap grouping (k = 3, log differences, the classifier never '
+             'merged, a group gets its units\' iterations: the setting measured safe on three architectures) on top '
+             'of QDrop, W4A4, 1024 calibration images, 32 per step, 20 000 iterations per unit (the published '
+             'setting of BRECQ, QDrop and MRECG).', '']
+
+    def section(cls, path: str) -> None:
+        own = cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + '(')  # a dataclass's generated doc: none
+        lines.extend([f'## `{path}`' if path else '## Top level', '',
+                      ' '.join(cls.__doc__.split()) if own else '', ''])
+        hints = typing.get_type_hints(cls)
+        body, subs = [], []
+        for f in fields(cls):
+            hint, sub = hints[f.name], section_hint(hints[f.name])
+            doc = f.metadata.get('doc', '')
+            if not doc:
+                raise SystemExit(f'config key {path}.{f.name} has no doc: add doc= in mrecg/config.py')
+            check = f.metadata.get('check')
+            rng = (check.__doc__ or '').strip() if check else ''
+            default = f.default if f.default is not MISSING else f.default_factory()
+            if sub is not None and typing.get_origin(hint) not in (list, typing.List):
+                subs.append((sub, f'{path}.{f.name}' if path else f.name))
+            shown = ('a section (below)' if sub is not None and default is None and typing.get_origin(hint) is None
+                     else '`null`' if default is None else f'`{default}`' if isinstance(default, str)
+                     else f'`{json.dumps(default)}`')
+            body.append([f'`{f.name}`', describe(hint), shown, rng, doc])
+        lines.extend([markdown_table(['key', 'type', 'default', 'range', 'what'], body), ''])
+        for sub, sub_path in subs:
+            section(sub, sub_path)
+
+    section(Config, '')
+    return re.sub(r'\n{3,}', '\n\n', '\n'.join(lines)) + '\n'
+
+
+def cli_page() -> str:
+    os.environ['COLUMNS'] = '110'  # argparse wraps to the terminal: a fixed width keeps the page stable
+    from mrecg.commands import COMMANDS, command_parser
+    lines = ['# Command reference', '',
+             '<!-- generated by scripts/gen_docs.py from the argument parsers: edit the code, not this page -->', '',
+             '`pip install` gives one command, `mrecg`, with the subcommands below (`python -m mrecg` is the same); '
+             '`python ptq_main.py` and `mrecg-ptq` are `mrecg quantize`. Exit codes: 0 done, 2 bad input (one '
+             'line on stderr), 130 interrupted (resumable), 1 an internal error or a lost process of a '
+             'data-parallel run (resumable).', '']
+    for name, (_, _, _, summary) in COMMANDS.items():
+        help_text = command_parser(name).format_help().rstrip()
+        lines += [f'## `mrecg {name}`', '', summary[0].upper() + summary[1:] + '.', '', '```text', help_text, '```', '']
+    return '\n'.join(lines)
+
+
+def models_page() -> str:
+    import mrecg
+    from mrecg.zoo import model_entry
+    lines = ['# Models', '',
+             '<!-- generated by scripts/gen_docs.py from the registry and results/model_coverage.csv -->', '',
+             '## The registry', '', '`model.type: <name>` (or `mrecg.create_model(name)`); parameter names as in the '
+             'published checkpoints, which load by name.', '']
+    body = []
+    for name in mrecg.list_models():
+        entry = model_entry(name)
+        body.append([f'`{name}`', entry.family, entry.image_size])
+    lines += [markdown_table(['name', 'family', 'designed input size'], body), '']
+    lines += ['## Checkpoints of the small models', '', 'Committed in `models/checkpoints/` (except ResNet-18 on '
+              'Fashion-MNIST, 45 MB), trained by `scripts/train_small_models.py` (seeded).', '',
+              block_table('checkpoints', 'checkpoint,data,float_top1,committed', '',
+                          'checkpoint,data,float top-1,committed'), '']
+    lines += ['## Any torchvision or timm model', '', '`model.type: torchvision:<name>` (built with `weights=None`) '
+              'or `timm:<name>` (`pretrained=False`): nothing is downloaded, `model.path` gives the weights. Which '
+              'ones trace, how the graph rule cuts them into units, and which export to ONNX (a smoke '
+              'quantization on 16 random 3x96x96 images, 1 iteration per unit; not an accuracy):', '',
+              block_table('model_coverage', '', '', 'model,traced,base units,largest unit (conv/linear layers),'
+                                                    'plan s,ONNX export'), '']
+    return '\n'.join(lines)
+
+
+PAGES = {'docs/reference/config.md': config_page, 'docs/reference/cli.md': cli_page,
+         'docs/reference/models.md': models_page}
+BLOCKS = {'table': block_table, 'pivot': block_pivot, 'demo': block_demo, 'failures': block_failures,
+          'bits': block_bits, 'at_a_glance': block_at_a_glance, 'groups': block_groups, 'ci': block_ci,
+          'bits_summary': block_bits_summary}
+
+
+def render_blocks(text: str) -> str:
+    def one(m):
+        args = dict(a.split('=', 1) for a in re.findall(r'\S+=(?:"[^"]*"|\S+)', m.group('args')))
+        args = {k: v.strip('"') for k, v in args.items()}
+        return m.group(1) + BLOCKS[m.group('name')](**args).rstrip() + '\n' + m.group(5)
+    return BLOCK.sub(one, text)
+
+
+def documents() -> List[str]:
+    docs = [os.path.join(ROOT, 'README.md')]
+    for folder, _, files in os.walk(os.path.join(ROOT, 'docs')):
+        docs += [os.path.join(folder, f) for f in sorted(files) if f.endswith('.md')]
+    return docs
+
+
+def generate() -> Dict[str, str]:
+    """Every generated file's expected content, by path."""
+    out = {os.path.join(ROOT, path): make() for path, make in PAGES.items()}
+    for path in documents():
+        if path in out:
+            continue
+        with open(path) as f:
+            text = f.read()
+        if '<!-- generated:' in text:
+            out[path] = render_blocks(text)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--check', action='store_true', help='compare only; exit 1 naming the stale files')
+    args = p.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    stale = []
+    for path, text in generate().items():
+        current = open(path).read() if os.path.isfile(path) else None
+        if current != text:
+            stale.append(os.path.relpath(path, ROOT))
+            if not args.check:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, 'w') as f:
+                    f.write(text)
+    if args.check and stale:
+        print('stale generated docs (run python scripts/gen_docs.py): ' + ', '.join(stale), file=sys.stderr)
+        return 1
+    print(('would update: ' if args.check else 'updated: ') + (', '.join(stale) or 'nothing'))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
