@@ -139,6 +139,11 @@ def test_every_python_block_runs(page, index, code, tiny_inputs):
         code = code.replace(old, new)
     for name in ('data/train', 'data/val', 'resnet18.pth', 'outputs/mbv2_w2a4/model.onnx'):
         code = code.replace(f"'{name}'", repr(str(tiny_inputs / name)))
-    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    work = tiny_inputs / f'run_{index}_{os.path.basename(page)}'  # files the example writes land here, not in the repo
+    os.makedirs(work, exist_ok=True)
+    for shared in ('models', 'configs'):
+        if not os.path.exists(work / shared):
+            os.symlink(os.path.join(ROOT, shared), work / shared)
+    proc = subprocess.run([sys.executable, '-c', code], cwd=work, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS='2'))
     assert proc.returncode == 0, f'{page} block {index}:\n{proc.stderr[-2000:]}'
