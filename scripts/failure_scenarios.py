@@ -13,7 +13,6 @@ rerun) and checks that the numbers equal an uninterrupted run's, or that nothing
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ import time
 import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from provenance import ROOT, git_commit, machine, versions, write_record
 CONFIG = {
     'model': {'type': 'mobilenet_v2_small',
               'path': os.path.join(ROOT, 'models', 'checkpoints', 'mobilenet_v2_small_digits.pth')},
@@ -227,14 +226,6 @@ def row(scenario, proc, tmp, then=None, then_proc=None, kept='', ok=True, sees=N
     return entry
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default=os.path.join(ROOT, 'results', 'failure_scenarios.json'))
@@ -256,13 +247,10 @@ def main(argv=None) -> int:
     rows = [concurrent(tmp, cfg), *ctrl_c(tmp, cfg, reference), killed(tmp, cfg, reference),
             *(changed(tmp, cfg, what, reference) for what in CHANGES), overwrite_failure(tmp, cfg)]
     record = {'command': 'python scripts/failure_scenarios.py', 'date': time.strftime('%Y-%m-%d'),
-              'commit': git_commit(), 'machine': f'{platform.machine()}, {os.cpu_count()} cores, CPU only',
-              'versions': {'torch': torch.__version__, 'python': platform.python_version()},
+              'commit': git_commit(), 'machine': machine(), 'versions': versions(),
               'seconds': round(time.time() - t0), 'config': CONFIG, 'rows': rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(record, f, indent=2)
-        f.write('\n')
+    write_record(args.out, record)
     for r in rows:
         print(f'{"ok " if r["checked"] else "BAD"} {r["scenario"]}: exit {r["exit_code"]}: {r["user_sees"]}')
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,9 +4,7 @@
 
     python scripts/record_ci.py
 """
-import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -14,12 +12,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from provenance import ROOT, git_commit, machine, write_record
 
 
 def main() -> int:
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     folder = tempfile.mkdtemp(prefix='mrecg_ci_')
     clone = os.path.join(folder, 'repo')
     subprocess.run(['git', 'clone', '-q', ROOT, clone], check=True)
@@ -37,10 +34,8 @@ def main() -> int:
     record = {'command': 'CI=true bash .ci/run (a fresh clone)', 'passed': int(summary.group(1)),
               'skipped': int(summary.group(2) or 0), 'test_seconds': round(tests), 'total_seconds': round(total),
               'install_seconds': round(total - tests), 'date': time.strftime('%Y-%m-%d'), 'commit': commit,
-              'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, no GPU'}
-    with open(os.path.join(ROOT, 'results', 'ci.json'), 'w') as f:
-        json.dump(record, f, indent=2)
-        f.write('\n')
+              'machine': machine()}
+    write_record(os.path.join(ROOT, 'results', 'ci.json'), record)
     print(record)
     return 0
 

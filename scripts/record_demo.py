@@ -6,16 +6,13 @@ docs show, with the command, machine, date, commit and seconds). Run it alone on
 """
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from provenance import ROOT, git_commit, machine, versions, write_record
 CONFIG = 'configs/demo/digits_qdrop_2_4.yaml'
 DEFAULT_OUTPUT = 'outputs/demo/digits_qdrop_2_4'
 
@@ -32,16 +29,10 @@ def main() -> int:
     line = proc.stdout.strip().splitlines()[-1].replace(folder, DEFAULT_OUTPUT)
     results = json.load(open(os.path.join(folder, 'results.json')))
     shutil.rmtree(folder)
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    record = {'command': f'python ptq_main.py --config {CONFIG}', 'prints': line, 'seconds': seconds,
-              'quant_top1': results['quant_top1'], 'fp_top1': results['fp_top1'],
-              'date': time.strftime('%Y-%m-%d'), 'commit': commit,
-              'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, no GPU',
-              'versions': f'torch {torch.__version__}, Python {platform.python_version()}'}
-    with open(os.path.join(ROOT, 'results', 'demo.json'), 'w') as f:
-        json.dump(record, f, indent=2)
-        f.write('\n')
+    write_record(os.path.join(ROOT, 'results', 'demo.json'), {
+        'command': f'python ptq_main.py --config {CONFIG}', 'prints': line, 'seconds': seconds,
+        'quant_top1': results['quant_top1'], 'fp_top1': results['fp_top1'], 'date': time.strftime('%Y-%m-%d'),
+        'commit': git_commit(), 'machine': machine(), 'versions': versions()})
     print(line)
     return 0
 

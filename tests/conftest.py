@@ -38,6 +38,17 @@ def write_config(tmp_path):
     return write
 
 
+def cli(args, capsys):
+    """Run ptq_main.py's main() in-process; returns (exit code, stdout, stderr)."""
+    from mrecg.cli import main
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_cli(*args, timeout=300):
     """Run ptq_main.py in a fresh process (as users do); returns CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, 'ptq_main.py'), *args], cwd=ROOT,

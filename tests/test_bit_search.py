@@ -10,10 +10,9 @@ import torch
 import yaml
 
 import mrecg
-from conftest import ROOT, TINY, deep_update
+from conftest import ROOT, TINY, cli, deep_update
 from mrecg.bitsearch import pinned_layers, search_bits, search_space
 from mrecg.bitsolver import Problem, cost, objective, solve
-from mrecg.cli import main
 from mrecg.data import digits
 from mrecg.errors import UserError
 
@@ -133,15 +132,6 @@ def test_size_and_bops_budgets_hold():
     assert both.figures['bops_g'] <= bops and both.a_bits and set(both.a_bits.values()) <= {4, 8}
 
 
-def run_cli(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def write(tmp_path, override):
     path = tmp_path / 'cfg.yaml'
     path.write_text(yaml.safe_dump(deep_update(TINY, override)))
@@ -150,7 +140,7 @@ def write(tmp_path, override):
 
 def test_a_run_with_a_budget_reports_the_allocation_and_groups_on_it(tmp_path, capsys):
     cfg = write(tmp_path, {'quantize': {'bit_search': SEARCH}, 'mrecg': {'metric': 'modcap', 'k': 2}})
-    code, out, err = run_cli(['--config', cfg, '--output', str(tmp_path / 'mixed'), '--no-progress'], capsys)
+    code, out, err = cli(['--config', cfg, '--output', str(tmp_path / 'mixed'), '--no-progress'], capsys)
     assert code == 0, err
     r = json.loads((tmp_path / 'mixed' / 'results.json').read_text())
     b = r['bit_search']
@@ -158,7 +148,7 @@ def test_a_run_with_a_budget_reports_the_allocation_and_groups_on_it(tmp_path, c
     assert {'size_mb', 'bops_g', 'seconds', 'w_bits', 'uniform'} <= set(b)
     assert all(r['layer_bits'][name]['w_bit'] == w for name, w in b['w_bits'].items())
     assert r['layer_bits']['features.0.0']['w_bit'] == 8 and r['timing']['bit_search_seconds'] > 0
-    code, _, _ = run_cli(['--config', write(tmp_path, {'mrecg': {'metric': 'modcap', 'k': 2}}), '--output',
+    code, _, _ = cli(['--config', write(tmp_path, {'mrecg': {'metric': 'modcap', 'k': 2}}), '--output',
                           str(tmp_path / 'uniform'), '--no-progress'], capsys)
     uniform = json.loads((tmp_path / 'uniform' / 'results.json').read_text())
     assert r['grouping']['metric_values'] != uniform['grouping']['metric_values']  # ModCap follows the bits
@@ -167,7 +157,7 @@ def test_a_run_with_a_budget_reports_the_allocation_and_groups_on_it(tmp_path, c
 def test_plan_prints_the_allocation_and_a_data_free_measure_needs_no_data(tmp_path, capsys):
     search = {**SEARCH, 'measure': 'weight'}
     cfg = write(tmp_path, {'quantize': {'bit_search': search}, 'data': {'type': 'imagenet', 'path': '/nowhere'}})
-    code, out, err = run_cli(['--config', cfg, '--plan'], capsys)
+    code, out, err = cli(['--config', cfg, '--plan'], capsys)
     assert code == 0, err
     assert 'bit search: budget avg_w_bits 3, measure weight' in out and 'allocation: avg' in out
     with pytest.raises(UserError, match='needs calibration images'):
@@ -183,7 +173,7 @@ def test_plan_prints_the_allocation_and_a_data_free_measure_needs_no_data(tmp_pa
     ({'budget': {'avg_w_bits': 3}, 'candidates': {'a': [4, 8]}, 'measure': 'fisher'}, 'ranks weight bits only'),
 ])
 def test_bad_budgets_are_one_line_before_any_work(search, message, tmp_path, capsys):
-    code, _, err = run_cli(['--config', write(tmp_path, {'quantize': {'bit_search': search}}), '--output',
+    code, _, err = cli(['--config', write(tmp_path, {'quantize': {'bit_search': search}}), '--output',
                             str(tmp_path / 'o'), '--no-progress'], capsys)
     assert code == 2 and message in err and err.count('\n') == 1, err
     assert not (tmp_path / 'o' / 'checkpoint.pt').exists()
@@ -192,7 +182,7 @@ def test_bad_budgets_are_one_line_before_any_work(search, message, tmp_path, cap
 def test_an_interrupted_mixed_run_resumes_with_its_allocation(tmp_path, capsys, monkeypatch):
     from mrecg import runner
     cfg = write(tmp_path, {'quantize': {'bit_search': {**SEARCH, 'measure': 'fisher'}}})
-    assert run_cli(['--config', cfg, '--output', str(tmp_path / 'full'), '--no-progress'], capsys)[0] == 0
+    assert cli(['--config', cfg, '--output', str(tmp_path / 'full'), '--no-progress'], capsys)[0] == 0
     real, seen = runner.save_state, []
 
     def save(output, digest, state):
@@ -201,12 +191,12 @@ def test_an_interrupted_mixed_run_resumes_with_its_allocation(tmp_path, capsys, 
         if len(state.results) == 3:
             raise KeyboardInterrupt
     monkeypatch.setattr(runner, 'save_state', save)
-    assert run_cli(['--config', cfg, '--output', str(tmp_path / 'cut'), '--no-progress'], capsys)[0] == 130
+    assert cli(['--config', cfg, '--output', str(tmp_path / 'cut'), '--no-progress'], capsys)[0] == 130
     assert seen[0].bit_allocation['w_bits']
     monkeypatch.undo()
     import mrecg.bitsearch as bitsearch
     monkeypatch.setattr(bitsearch, 'search_bits', lambda *a, **k: pytest.fail('a resumed run searched again'))
-    assert run_cli(['--resume', str(tmp_path / 'cut'), '--no-progress'], capsys)[0] == 0
+    assert cli(['--resume', str(tmp_path / 'cut'), '--no-progress'], capsys)[0] == 0
     a, b = (json.loads((tmp_path / d / 'results.json').read_text()) for d in ('full', 'cut'))
     assert a['quant_top1'] == b['quant_top1'] and a['layer_bits'] == b['layer_bits']
     assert a['bit_search']['w_bits'] == b['bit_search']['w_bits']
@@ -272,3 +262,23 @@ def test_the_search_on_a_small_network_is_the_brute_force_optimum(budget):
     assert objective(problem, w, a) == pytest.approx(brute_force(problem), rel=1e-9)
     alloc = search_bits(model, cfg, images, torch.device('cpu'))
     assert [alloc.w_bits[n] for n in space.searched] == w  # search_bits is this same programme
+
+
+def test_the_bits_tool_draws_the_front_and_ranks_the_measures(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    out = tmp_path / 'bits'
+    proc = subprocess.run([sys.executable, '-m', 'mrecg', 'bits', '--config', 'configs/digits/mbv2_2_4.yaml', '--uniform',
+                           '3', '--budgets', 'size=w3', '--measures', 'weight', 'random', '--seeds', '1', '--out',
+                           str(out), '--correlate', '--set', 'quantize.reconstruction.iterations=2',
+                           'quantize.cali_size=32', 'data.eval_limit=100', 'mrecg.metric=none'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r['variant']: r for r in csv.DictReader(open(out / 'front.csv'))}
+    assert set(rows) == {'uniform_w3', 'weight_size-w3', 'random_size-w3'}
+    for mixed in ('weight_size-w3', 'random_size-w3'):  # the budget: the size of uniform W3
+        assert float(rows[mixed]['size_mb']) <= float(rows['uniform_w3']['size_mb']) + 1e-12
+    assert (out / 'front.png').stat().st_size > 0 and 'search s / run s' in (out / 'front.md').read_text()
+    ranks = list(csv.DictReader(open(out / 'correlation.csv')))
+    assert [(r['budget'], r['measure']) for r in ranks] == [('size-w3', m) for m in ('output', 'fisher', 'weight')]

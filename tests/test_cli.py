@@ -10,18 +10,7 @@ import pytest
 import torch
 
 from mrecg import zoo
-from conftest import ROOT, TINY, deep_update, run_cli
-from mrecg.cli import main
-
-
-def cli(args, capsys):
-    """Run main() in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = main(args)
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import ROOT, TINY, cli, deep_update, run_cli
 
 
 def test_run_writes_results_config_log_and_plot(write_config, tmp_path, capsys):

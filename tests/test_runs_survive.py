@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import mrecg
-from conftest import ROOT, TINY, deep_update
+from conftest import ROOT, TINY, cli, deep_update
 from mrecg import runner
 from mrecg.caching import RunCache, environment
 from mrecg.cli import main, summary_line
@@ -26,15 +26,6 @@ from mrecg.locking import LOCK_NAME, FolderBusy, FolderLock
 
 THIS = os.path.abspath(__file__)
 DATA_FILE = 'calib_images.pt'
-
-
-def cli(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write(tmp_path, override=None, name='cfg.yaml'):

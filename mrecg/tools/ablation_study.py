@@ -52,19 +52,10 @@ def component_variants(cfg: mrecg.Config, expand: int) -> List[Tuple[str, str, i
             ('both', 'components', expand, big)]
 
 
-def run_all(args, variants) -> int:
-    jobs, skipped, n = [], 0, len(variants) * len(args.seeds)
-    for i, (name, seed, sets) in enumerate((v[0], s, v[3]) for v in variants for s in args.seeds):
-        out = os.path.join(args.out, name, f'seed{seed}')
-        if os.path.isfile(os.path.join(out, 'results.json')):
-            skipped += 1
-            continue
-        cmd = sweep.command(args.config, 'ptq_main', out, [*args.set, *sets, f'process.seed={seed}'], False)
-        jobs.append((f'[{i + 1}/{n}] {out}', cmd))
-    if not jobs:
-        return 0
-    return sweep.report(sweep.run_ray(jobs, args.ray, args.ray_cpus) if args.ray else sweep.run_serial(jobs, False),
-                        skipped)
+def runs_of(args, variants) -> List[Tuple[str, str, List[str]]]:
+    """(variant, folder, overrides) for every variant and seed."""
+    return [(v[0], os.path.join(args.out, v[0], f'seed{seed}'), [*args.set, *v[3], f'process.seed={seed}'])
+            for v in variants for seed in args.seeds]
 
 
 def write_outputs(args, cfg: mrecg.Config, variants, rows: Dict[str, Dict]) -> None:
@@ -134,12 +125,7 @@ def parser() -> argparse.ArgumentParser:
                    help='batch: the two sizes scaled together and alone; components: plain, grouping, expansion, both')
     p.add_argument('--factors', nargs='+', type=int, default=[1, 2, 4], help='batch study: size multipliers')
     p.add_argument('--expand', type=int, default=4, help='components study: the batch expansion factor')
-    p.add_argument('--seeds', nargs='+', type=int, default=[1], help='process.seed of each run')
-    p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
-    p.add_argument('--out', required=True, help='folder of the runs and the tables')
-    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
-    p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
-    p.add_argument('--analyse-only', action='store_true', help='only rebuild the table and plots')
+    sweep.add_study_arguments(p, 'folder of the runs and the tables')
     return p
 
 
@@ -159,7 +145,8 @@ def main(argv=None) -> int:
         return 2
     variants = batch_variants(cfg, sorted(args.factors)) if args.study == 'batch' else component_variants(cfg, args.expand)
     os.makedirs(args.out, exist_ok=True)
-    code = 0 if args.analyse_only else run_all(args, variants)
+    code = 0 if args.analyse_only else sweep.run_folders(args.config, runs_of(args, variants), args.ray,
+                                                                  args.ray_cpus)
     rows = {r['scheme']: r for r in scheme_study.summarise(args.out, [v[0] for v in variants])}
     if not rows:
         print(f'error: no finished runs in {args.out}', file=sys.stderr)

@@ -20,7 +20,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from mrecg.tools import sweep
 from mrecg.tools.scheme_study import spearman
@@ -61,19 +61,6 @@ def variants(args, sizes: Dict[int, float]) -> List[Tuple[str, List[str]]]:
             search = {'budget': {kind: value}, 'measure': measure, 'candidates': {'w': args.candidates}}
             out.append((f'{measure}_{tag}', ['quantize.bit_search=' + json.dumps(search)]))
     return out
-
-
-def run_all(args, runs) -> int:
-    jobs, skipped = [], 0
-    for i, (_, out, sets) in enumerate(runs, 1):
-        if os.path.isfile(os.path.join(out, 'results.json')):
-            skipped += 1
-            continue
-        jobs.append((f'[{i}/{len(runs)}] {out}', sweep.command(args.config, 'ptq_main', out, sets, False)))
-    if not jobs:
-        return 0
-    results = sweep.run_ray(jobs, args.ray, args.ray_cpus) if args.ray else sweep.run_serial(jobs, False)
-    return sweep.report(results, skipped)
 
 
 # ---- analysis --------------------------------------------------------------------------------------------
@@ -176,14 +163,26 @@ def correlate(args, runs: Dict[str, List[Dict]]) -> List[str]:
     bits = sorted({2, 3, 4, 8} | set(args.candidates))
     scores = {m: layer_scores(m, qmodel, space.searched, bits, cfg.quantize.w_qconfig.symmetric, images,
                               torch.device('cpu'), cfg.process.seed) for m in ('output', 'fisher', 'weight')}
-    lines = ['| budget | measure | Spearman(predicted sensitivity, top-1) | allocations (runs) |', '|---|---|---|---|']
+    rows = []
     for tag, rs in sorted(budget_groups(runs).items()):
         done = [r for r in rs if r['quant_top1'] is not None]
         for measure, table in scores.items():
             predicted = [sum(table[n][r['layer_bits'][n]['w_bit']] for n in space.searched) for r in done]
             rho = spearman(predicted, [r['quant_top1'] for r in done])
-            lines.append(f'| {tag} | {measure} | {"-" if rho is None else f"{rho:+.2f}"} | {len(done)} |')
-    return lines
+            rows.append({'budget': tag, 'measure': measure, 'spearman': '-' if rho is None else f'{rho:+.2f}',
+                         'allocations': len(done)})
+    return rows
+
+
+def write_correlation(out: str, rows: List[Dict]) -> None:
+    with open(os.path.join(out, 'correlation.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ['| budget | measure | Spearman(predicted sensitivity, top-1) | allocations (runs) |', '|---|---|---|---|']
+    lines += [f'| {r["budget"]} | {r["measure"]} | {r["spearman"]} | {r["allocations"]} |' for r in rows]
+    with open(os.path.join(out, 'correlation.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,12 +194,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--measures', nargs='*', default=['output', 'random'], choices=MEASURES,
                    help='sensitivity measures to search with (random: a random allocation per seed)')
     p.add_argument('--candidates', nargs='+', type=int, default=[2, 3, 4, 8], help='weight bits the search may use')
-    p.add_argument('--seeds', nargs='+', type=int, default=[1], help='process.seed of each run')
-    p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
-    p.add_argument('--out', required=True, help='folder of the runs and the front')
-    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
-    p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
-    p.add_argument('--analyse-only', action='store_true', help='tables and plot from finished runs')
+    sweep.add_study_arguments(p, 'folder of the runs and the front')
     p.add_argument('--correlate', action='store_true', help='also rank-correlate every measure with top-1')
     return p
 
@@ -217,7 +211,7 @@ def main(argv=None) -> int:
         return 2
     runs = [(name, os.path.join(args.out, name, f'seed{seed}'), [*sets, f'process.seed={seed}', *args.set])
             for name, sets in names for seed in args.seeds]
-    code = 0 if args.analyse_only else run_all(args, runs)
+    code = 0 if args.analyse_only else sweep.run_folders(args.config, runs, args.ray, args.ray_cpus)
     done = finished(args.out, [n for n, _ in names])
     if not done:
         print(f'error: no finished runs under {args.out}', file=sys.stderr)
@@ -227,7 +221,6 @@ def main(argv=None) -> int:
     write_front(args.out, rows, title)
     plot_front(os.path.join(args.out, 'front.png'), rows, title)
     if args.correlate:
-        with open(os.path.join(args.out, 'correlation.md'), 'w') as f:
-            f.write('\n'.join(correlate(args, done)) + '\n')
+        write_correlation(args.out, correlate(args, done))
     print(open(os.path.join(args.out, 'front.md')).read())
     return code

@@ -82,19 +82,6 @@ def plan_runs(args, cfg: mrecg.Config, unit_names: List[str]) -> List[Tuple[str,
             for name, sets in variants for seed in args.seeds]
 
 
-def run_all(args, runs) -> int:
-    jobs, skipped = [], 0
-    for i, (name, out, sets) in enumerate(runs, 1):
-        if os.path.isfile(os.path.join(out, 'results.json')):
-            skipped += 1
-            continue
-        jobs.append((f'[{i}/{len(runs)}] {out}', sweep.command(args.config, 'ptq_main', out, sets, False)))
-    if not jobs:
-        return 0
-    results = sweep.run_ray(jobs, args.ray, args.ray_cpus) if args.ray else sweep.run_serial(jobs, False)
-    return sweep.report(results, skipped)
-
-
 # ---- analysis --------------------------------------------------------------------------------------------
 def ranks(values: Sequence[float]) -> List[float]:
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -244,12 +231,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--sample-seed', type=int, default=0, help='seed of the random schemes')
     p.add_argument('--max-pairs', type=int, help='most merged pairs in a random scheme (default: all)')
     p.add_argument('--max-group-size', type=int, help='largest group of a random scheme')
-    p.add_argument('--seeds', nargs='+', type=int, default=[1], help='process.seed of each run')
-    p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
-    p.add_argument('--out', required=True, help='folder of the runs and the tables')
-    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
-    p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
-    p.add_argument('--analyse-only', action='store_true', help='only rebuild the table and plots')
+    sweep.add_study_arguments(p, 'folder of the runs and the tables')
     return p
 
 
@@ -268,7 +250,7 @@ def main(argv=None) -> int:
     unit_names = [u.name for u in plan.units]
     runs = plan_runs(args, cfg, unit_names)
     os.makedirs(args.out, exist_ok=True)
-    code = 0 if args.analyse_only else run_all(args, runs)
+    code = 0 if args.analyse_only else sweep.run_folders(args.config, runs, args.ray, args.ray_cpus)
     if code:
         print('some runs failed: the analysis uses the finished ones', file=sys.stderr)
     analyse(args, cfg, list(dict.fromkeys(name for name, _, _ in runs)))

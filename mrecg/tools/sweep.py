@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from mrecg.config import PROJECT_ROOT
 
@@ -89,6 +90,30 @@ def command(cfg, method, out, sets, progress):
         return [*QUANTIZE, '--resume', out, *flags]
     return [*QUANTIZE, '--config', cfg, '--output', out, '--set', *sets,
             *flags]
+
+
+def add_study_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The arguments every study over one config shares: seeds, overrides, the folder, Ray, analyse-only."""
+    p.add_argument('--seeds', nargs='+', type=int, default=[1], help='process.seed of each run')
+    p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='overrides for every run')
+    p.add_argument('--out', required=True, help=out_help)
+    p.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS', help='runs as Ray tasks (see mrecg sweep)')
+    p.add_argument('--ray-cpus', type=int, default=1, help='CPU cores per Ray task when there is no GPU')
+    p.add_argument('--analyse-only', action='store_true', help='only rebuild the tables and plots from finished runs')
+
+
+def run_folders(config: str, runs, ray: Optional[str], ray_cpus: int) -> int:
+    """Run a study's (name, folder, overrides) of one config, serially or as Ray tasks; finished folders are
+    skipped. Returns the exit code (1 if a run failed)."""
+    jobs, skipped = [], 0
+    for i, (_, out, sets) in enumerate(runs, 1):
+        if os.path.isfile(os.path.join(out, 'results.json')):
+            skipped += 1
+            continue
+        jobs.append((f'[{i}/{len(runs)}] {out}', command(config, 'ptq_main', out, sets, False)))
+    if not jobs:
+        return 0
+    return report(run_ray(jobs, ray, ray_cpus) if ray else run_serial(jobs, False), skipped)
 
 
 class SweepStopped(Exception):
