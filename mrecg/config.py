@@ -516,11 +516,16 @@ class Config(Section):
         super().__post_init__()
 
     def check_section(self):
-        rec = self.quantize.reconstruction
-        if self.mrecg.grouped and rec.granularity != 'block':
-            raise ConfigError('MRECG groups block units: set quantize.reconstruction.granularity to block')
-        if self.mrecg.grouped and not rec.enabled:
-            raise ConfigError('MRECG needs reconstruction: set quantize.reconstruction.enabled to true')
+        rec, m = self.quantize.reconstruction, self.mrecg
+        plain = rec.granularity != 'block' or not rec.enabled  # layer-wise AdaRound or nearest rounding
+        if plain and (m.metric, m.k, m.scheme) == ('modcap', None, None):  # the default grouping: off for them
+            m.metric = 'none'
+        if m.grouped and rec.granularity != 'block':
+            raise ConfigError('MRECG groups block units: set quantize.reconstruction.granularity to block, or '
+                              'mrecg.metric to none for layer-wise AdaRound')
+        if m.grouped and not rec.enabled:
+            raise ConfigError('MRECG needs reconstruction: set quantize.reconstruction.enabled to true, or '
+                              'mrecg.metric to none for nearest rounding')
 
     @classmethod
     def from_dict(cls, data: Optional[Dict[str, Any]]) -> 'Config':

@@ -133,7 +133,7 @@ def previous_results(path: Optional[str]) -> Optional[str]:
     return previous if previous and os.path.isfile(os.path.join(previous, RESULTS)) else None
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, what: str = 'the output folder') -> None:
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, '.write_test')
@@ -141,8 +141,8 @@ def check_writable(path: str) -> None:
             f.write('ok')
         os.remove(probe)
     except OSError as exc:
-        raise UserError(f'cannot write to the output folder {path}: {exc.strerror or exc} '
-                        '(choose another --output)') from None
+        where = '--output' if what == 'the output folder' else what
+        raise UserError(f'cannot write to {what} {path}: {exc.strerror or exc} (choose another {where})') from None
 
 
 def config_digest(cfg: Config) -> str:
@@ -204,6 +204,8 @@ def check_run(cfg: Config, export: bool = False) -> Tuple[nn.Module, Any, Option
     train, val = open_data(cfg)
     prepared = prepare(model, cfg)
     validate_grouping(cfg, prepared)
+    if cfg.process.cache_calibration or cfg.mrecg.metric == 'loss':  # a cache written after hours must not fail
+        check_writable(cfg.process.cache_dir, 'process.cache_dir')
     if cfg.quantize.bit_search:
         from mrecg.bitsearch import check_budget
         from mrecg.data import sample_input

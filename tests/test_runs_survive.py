@@ -322,6 +322,25 @@ class OddNet(torch.nn.Module):
         return self.fc(y)
 
 
+def test_an_unwritable_cache_folder_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / 'a_file').write_text('x')
+    cfg = write(tmp_path, {'process': {'cache_calibration': True, 'cache_dir': str(tmp_path / 'a_file' / 'c')}})
+    code, _, err = cli(['--config', cfg, '--output', str(tmp_path / 'o'), '--no-progress'], capsys)
+    assert code == 2 and 'cannot write to process.cache_dir' in err and not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('method', ['quantize.reconstruction.granularity=layer', 'quantize.reconstruction.enabled=false'])
+def test_adaround_and_nearest_run_on_a_config_left_at_the_default_grouping(method, tmp_path, capsys):
+    cfg = tmp_path / 'bare.yaml'
+    cfg.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != 'mrecg'}))
+    code, _, err = cli(['--config', str(cfg), '--output', str(tmp_path / 'o'), '--no-progress', '--set', method], capsys)
+    assert code == 0, err
+    assert results(str(tmp_path / 'o'))['method'] in ('adaround', 'nearest')
+    cfg.write_text(yaml.safe_dump({**TINY, 'mrecg': {'metric': 'modcap', 'k': 2}}))
+    code, _, err = cli(['--config', str(cfg), '--plan', '--set', method], capsys)
+    assert code == 2 and 'or mrecg.metric to none' in err  # an explicit grouping is not dropped silently
+
+
 def test_per_channel_activations_are_refused_in_the_config(tmp_path, capsys):
     cfg = write(tmp_path, {'quantize': {'a_qconfig': {'per_channel': True}}})
     code, _, err = cli(['--config', cfg, '--output', str(tmp_path / 'o'), '--no-progress'], capsys)
