@@ -378,10 +378,11 @@ class BitSearchConfig(Section):
     are left as they are."""
     candidates: BitCandidates = key(None, doc='the bit-widths to choose from')
     budget: BitBudget = key(None, doc='one of avg_w_bits, size_mb, bops_g')
-    measure: Literal['output', 'fisher', 'weight', 'random'] = key(
-        'output', doc="each layer's sensitivity per bit-width: output = the logits' squared change with that layer "
-                      'alone quantized (data), fisher = diagonal Fisher times the weight error (data), weight = '
-                      'the weight error alone (data-free), random = a random importance per layer (a control)')
+    measure: Literal['fisher', 'output', 'weight', 'random'] = key(
+        'fisher', doc="each layer's sensitivity per bit-width: fisher = diagonal Fisher times the weight error "
+                      "(data; the best predictor measured), output = the logits' squared change with that layer "
+                      'alone quantized (data; also ranks activation bits), weight = the weight error alone '
+                      '(data-free), random = a random importance per layer (a control)')
     samples: int = key(256, positive, 'calibration images the data measures use')
 
     def __post_init__(self):
@@ -390,7 +391,7 @@ class BitSearchConfig(Section):
             raise ConfigError('is required: one of avg_w_bits, size_mb, bops_g', 'budget')
         super().__post_init__()
         if self.candidates.a and self.measure in ('fisher', 'weight'):
-            raise ConfigError(f'{self.measure} ranks weight bits only: with candidates.a use measure output (or '
+            raise ConfigError(f'{self.measure} ranks weight bits only: with candidates.a set measure: output (or '
                               'random)', 'measure')
 
 

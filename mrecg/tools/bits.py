@@ -1,7 +1,7 @@
 """Mixed precision against uniform bits on one config: size (or BOPs) against top-1, over seeds.
 
     mrecg bits --config configs/fashion/mbv2_2_4.yaml --uniform 2 3 4 --budgets size=w3 size=w2*1.1 \\
-        --measures output random --seeds 1 2 3 --out outputs/bits/mbv2 [--ray] [--set mrecg.metric=none]
+        --measures fisher random --seeds 1 2 3 --out outputs/bits/mbv2 [--ray] [--set mrecg.metric=none]
     mrecg bits ... --analyse-only [--correlate]
 
 Runs, each into ``<out>/<variant>/seed<seed>`` (finished ones are skipped, ``--ray`` as in ``mrecg sweep``):
@@ -25,7 +25,7 @@ from typing import Dict, List, Tuple
 from mrecg.tools import sweep
 from mrecg.tools.scheme_study import spearman
 
-MEASURES = ('output', 'fisher', 'weight', 'random')
+MEASURES = ('fisher', 'output', 'weight', 'random')
 
 
 def parse_budget(spec: str, uniform_sizes: Dict[int, float]) -> Tuple[str, str, float]:
@@ -191,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--config', required=True, help='the config every run starts from')
     p.add_argument('--uniform', nargs='*', type=int, default=[2, 3, 4], help='uniform weight bit-widths to run')
     p.add_argument('--budgets', nargs='*', default=['size=w3'], help='avg_w_bits=X, size_mb=X, bops_g=X, size=wB[*F]')
-    p.add_argument('--measures', nargs='*', default=['output', 'random'], choices=MEASURES,
+    p.add_argument('--measures', nargs='*', default=['fisher', 'random'], choices=MEASURES,
                    help='sensitivity measures to search with (random: a random allocation per seed)')
     p.add_argument('--candidates', nargs='+', type=int, default=[2, 3, 4, 8], help='weight bits the search may use')
     sweep.add_study_arguments(p, 'folder of the runs and the front')
