@@ -128,7 +128,7 @@ def test_size_and_bops_budgets_hold():
     assert alloc.figures['size_mb'] <= size and set(uniform3.w_bits.values()) == {3}
     bops = 1.2 * uniform3.uniform['bops_g']
     both = search_bits(model, config({'budget': {'bops_g': bops}, 'candidates': {'w': [2, 3, 4], 'a': [4, 8]},
-                                      'samples': 32}), images, torch.device('cpu'))
+                                      'measure': 'output', 'samples': 32}), images, torch.device('cpu'))
     assert both.figures['bops_g'] <= bops and both.a_bits and set(both.a_bits.values()) <= {4, 8}
 
 
