@@ -23,7 +23,8 @@ import time
 import torch
 import yaml
 
-from provenance import ROOT, git_commit, machine, versions, write_record
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded as the data factory of a run
+from provenance import ROOT, git_commit, machine, versions, write_record  # noqa: E402
 CONFIG = {
     'model': {'type': 'mobilenet_v2_small',
               'path': os.path.join(ROOT, 'models', 'checkpoints', 'mobilenet_v2_small_digits.pth')},
@@ -201,8 +202,9 @@ def changed(tmp, cfg, what, reference):
         note = log_line(out, 'evaluation data changed')
         return row(CHANGES[what], then, tmp, kept=f'log: "{note}"; the reconstruction resumed (its inputs are '
                    'unchanged)', ok=then.returncode == 0 and bool(note) and first.returncode == 130)
+    refused = then.returncode == 2 and 'differ from those this run started with' in then.stderr
     return row(CHANGES[what], then, tmp, kept='refused before any work: nothing continues on other targets; the '
-               'checkpoint stays for the old inputs', ok=then.returncode == 2 and first.returncode == 130)
+               'checkpoint stays for the old inputs', ok=refused and first.returncode == 130)
 
 
 def overwrite_failure(tmp, cfg):

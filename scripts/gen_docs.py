@@ -172,20 +172,37 @@ def block_ci() -> str:
             f'recorded by `scripts/record_ci.py`.</small>')
 
 
+def block_bits_targets(measure: str = 'fisher') -> str:
+    """The issue's comparison: the searched allocation against uniform bits and a random allocation of the same size,
+    per model and budget; 'beyond one std' against the larger of the two seed stds."""
+    body = []
+    for model, title in (('mbv2', 'MobileNetV2'), ('resnet', 'ResNet'), ('regnet', 'RegNetX')):
+        if not os.path.isfile(os.path.join(RESULTS, f'bits_{model}.csv')):
+            continue
+        rows = {r['variant']: r for r in rows_of(f'bits_{model}')}
+        for tag, uniform, label in (('size-w3', 'uniform_w3', 'size of uniform W3'),
+                                    ('size-w2x1.1', 'uniform_w2', 'uniform W2 + 10 %')):
+            ours, ref, rnd = rows[f'{measure}_{tag}'], rows[uniform], rows[f'random_{tag}']
+            cells = [title, label, f'{float(ours["top1_mean"]):.2f} ± {float(ours["top1_std"]):.2f}']
+            for other in (ref, rnd):
+                diff = float(ours['top1_mean']) - float(other['top1_mean'])
+                std = max(float(ours['top1_std']), float(other['top1_std']))
+                cells += [f'{float(other["top1_mean"]):.2f} ± {float(other["top1_std"]):.2f}',
+                          f'{diff:+.2f} ({"beyond" if diff > std else "within"} one std)']
+            body.append(cells)
+    return markdown_table(['model', 'budget', f'searched ({measure})', 'uniform', 'searched - uniform',
+                           'random, same size', 'searched - random'], body) + \
+        f'\n\n<small>From `results/bits_*.csv` (provenance there); "one std" is the larger seed std of the two.</small>'
+
+
 def block_bits_summary() -> str:
-    """Per model: the front table, its plot and the measures' rank correlation, from results/bits_*."""
+    """Per model: the front table and its plot, from results/bits_*."""
     parts = []
     for model, title in (('mbv2', 'MobileNetV2 (small)'), ('resnet', 'ResNet (small)'), ('regnet', 'RegNetX (small)')):
         if not os.path.isfile(os.path.join(RESULTS, f'bits_{model}.csv')):
             continue
         parts += [f'### {title}', '', block_bits(model), '', f'![{title}](../img/bits_{model}.png)', '']
-    if not os.path.isfile(os.path.join(RESULTS, 'bits_correlation.csv')):
-        return '\n'.join(parts) or 'Not measured yet.'
-    parts += ['### Which measure predicts accuracy', '', 'Spearman rank correlation, within one budget, between a '
-              "measure's predicted sensitivity of an allocation (summed over the searched layers) and the allocation's "
-              'top-1 over every finished run of that budget (negative: the measure ranks well):', '',
-              block_pivot('bits_correlation', 'model,budget', 'measure', value='spearman')]
-    return '\n'.join(parts)
+    return '\n'.join(parts) or 'Not measured yet.'
 
 
 # ---- whole pages -------------------------------------------------------------------------------------------------
@@ -273,7 +290,7 @@ PAGES = {'docs/reference/config.md': config_page, 'docs/reference/cli.md': cli_p
          'docs/reference/models.md': models_page}
 BLOCKS = {'table': block_table, 'pivot': block_pivot, 'demo': block_demo, 'failures': block_failures,
           'bits': block_bits, 'at_a_glance': block_at_a_glance, 'groups': block_groups, 'ci': block_ci,
-          'bits_summary': block_bits_summary}
+          'bits_summary': block_bits_summary, 'bits_targets': block_bits_targets}
 
 
 def render_blocks(text: str) -> str:
