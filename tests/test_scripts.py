@@ -162,7 +162,8 @@ def test_bench_synthetic_mode_times_both_engines_on_random_images():
     assert [r[2] for r in rows] == ['mqbench', 'ours']
     for r in rows:
         units, ms_per_unit, tflops, hours = int(r[3]), float(r[4]), float(r[7]), float(r[9])
-        assert units == 8 and ms_per_unit > 0 and tflops > 0 and hours > 0
+        # a printed figure, not a timing check: on a tiny model a step is within the timer's noise
+        assert units == 8 and ms_per_unit >= 0 and tflops > 0 and hours > 0
     assert 'resnet_small batch 4: speedup per step' in run.stdout
 
 
