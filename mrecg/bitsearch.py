@@ -99,8 +99,9 @@ def search_space(model: nn.Module, cfg: Config, sample: torch.Tensor):
     qmodel = prepared.qmodel
     disable_all(qmodel)
     layers = weight_layer_names(qmodel)
-    fixed_w = {n for n, (w, _) in resolve_layer_bits(layers, cfg.quantize.layer_bits).items() if w is not None}
-    fixed_a = {n for n, (_, a) in resolve_layer_bits(layers, cfg.quantize.layer_bits).items() if a is not None}
+    rules = resolve_layer_bits(layers, cfg.quantize.layer_bits)
+    fixed_w = {n for n, (w, _) in rules.items() if w is not None}
+    fixed_a = {n for n, (_, a) in rules.items() if a is not None}
     pinned = set(pinned_layers(prepared.folded))
     searched = [n for n in layers if n not in pinned and n not in fixed_w]
     quantizers = input_quantizers(qmodel)
