@@ -108,6 +108,7 @@ class QuantizationResult:
     peak_cache_bytes_per_rank: List[int] = field(default_factory=list)
     bit_search: Optional[Dict[str, Any]] = None  # the allocation a bit search chose (BitAllocation.to_dict)
     size: Dict[str, float] = field(default_factory=dict)  # size_mb, mean_w_bits, bops_g of the quantized model
+    engine: Dict[str, Any] = field(default_factory=dict)  # the device policy's choices (kernels, caches, TF32)
 
     def __str__(self) -> str:
         acc = self.accuracy.top1 if self.accuracy else None
@@ -227,9 +228,8 @@ def _probe_losses(run: '_Session', prepared: Prepared, fp_model: fx.GraphModule,
     settings = replace(cfg.quantize.reconstruction, iterations=iterations)
     log.info('loss metric: plain probe pass, %d iterations per unit%s', iterations,
              f' (resumed after {len(done)} units)' if done else '')
-    probe = Reconstructor(probe_model, fp_model, partition, groups_from_spans([], len(names)), settings, device,
-                          cfg.process.seed, progress, chunk_size=cfg.data.batch_size, dist=run.dist,
-                          ste_bounds=cfg.quantize.a_qconfig.ste_bounds)
+    probe = Reconstructor.from_config(probe_model, fp_model, partition, groups_from_spans([], len(names)), cfg,
+                                      device, progress, run.dist, settings=settings, iterations_per_unit=False)
     probe.run(images, done, on_group_done=lambda results: reporter.probe(results, probe_model))
     losses = list(probe.unit_losses)
     if cache and run.dist.main:
@@ -254,11 +254,13 @@ class _Reporter:
                                phase=phase, weights=p.weights, images=p.images, eval_data=p.eval_data,
                                bit_allocation=self.allocation, **fields))
 
-    def calibrated(self, qmodel: nn.Module) -> None:
+    def calibrated(self, qmodel: nn.Module, send: bool = True) -> None:
+        """Keep the calibrated state (the probe's reports carry it) and, unless resuming, report it."""
         if self.callback is None:
             return
         self.calibrated_state = cpu_copy(qmodel.state_dict())
-        self._send('calibrated', grouping=None, results=[], hardened=[], qmodel_state=self.calibrated_state)
+        if send:
+            self._send('calibrated', grouping=None, results=[], hardened=[], qmodel_state=self.calibrated_state)
 
     def probe(self, results: List[GroupResult], probe_model: nn.Module) -> None:
         if self.callback is None:
@@ -305,10 +307,8 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
                      run.dist.world, environment(run.device)) if cache_dir else None
     prepared, fp_model = _calibrated(run, model, images, cache)
     reporter = _Reporter(run, fp_acc, prints, on_unit_done, allocation)
-    if resume is None:
-        reporter.calibrated(prepared.qmodel)
-    elif resume.phase != 'reconstruction':
-        reporter.calibrated_state = cpu_copy(prepared.qmodel.state_dict()) if reporter.callback else {}
+    if resume is None or resume.phase != 'reconstruction':
+        reporter.calibrated(prepared.qmodel, send=resume is None)
     shard, sample = run.dist.shard(images), images[:1].clone()  # reconstruction caches this rank's share only
     del images
     info = resume.grouping if resume and resume.grouping else run.timed('grouping_seconds', lambda: choose_groups(
@@ -327,7 +327,7 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
                               resumed=resume is not None, world_size=run.dist.world,
                               peak_cache_bytes_per_rank=run.dist.gather(recon.peak_cache_bytes),
                               bit_search=allocation.to_dict() if allocation else None,
-                              size=model_figures(prepared.qmodel, sample))
+                              size=model_figures(prepared.qmodel, sample), engine=recon.policy.describe())
 
 
 def _bit_allocation(run: '_Session', model: nn.Module, images: torch.Tensor):
@@ -415,10 +415,8 @@ def _reconstruct(run: _Session, prepared: Prepared, fp_model: fx.GraphModule, in
     resumed = run.resume is not None and run.resume.phase == 'reconstruction'
     if not resumed:
         reporter.reconstruction(info, [], qmodel)
-    recon = Reconstructor(qmodel, fp_model, prepared.partition, groups, run.cfg.quantize.reconstruction, run.device,
-                          run.cfg.process.seed, run.progress, chunk_size=run.cfg.data.batch_size, dist=run.dist,
-                          iterations_per_unit=run.cfg.mrecg.group_iterations == 'per_unit',
-                          ste_bounds=run.cfg.quantize.a_qconfig.ste_bounds)
+    recon = Reconstructor.from_config(qmodel, fp_model, prepared.partition, groups, run.cfg, run.device,
+                                      run.progress, run.dist)
     done = list(run.resume.results) if resumed else []
     return recon, run.timed('reconstruction_seconds', lambda: recon.run(
         images, done, on_group_done=lambda results: reporter.reconstruction(info, results, qmodel)))

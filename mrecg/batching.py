@@ -3,8 +3,8 @@
 With the caches in host memory (``cache_device: cpu``, for the paper's 4096 images on a small GPU) every
 step would wait for its rows to cross to the GPU. ``StepBatches`` with ``lookahead`` gathers the next
 step's rows into pinned buffers and copies them on a side stream while the current step computes. The
-indices come from the group's own CPU generator in step order, with or without lookahead, so the numbers do
-not change (tested on the CPU, where lookahead runs the same code without streams or pinning).
+indices come from the group's own generator (on the caches' device) in step order, with or without lookahead,
+so the numbers do not change (tested on the CPU, where lookahead runs the same code without streams or pinning).
 """
 from typing import List, Optional, Tuple
 
@@ -43,7 +43,9 @@ class StepBatches:
         return idx, [r.float() for r in rows]
 
     def _gather(self):
-        idx = torch.randperm(self.n, generator=self.gen)[:self.batch_size].to(self.sources[0].device)
+        # drawn where the generator lives (the caches' device): no host round trip per step on a GPU
+        idx = torch.randperm(self.n, generator=self.gen, device=self.gen.device)[:self.batch_size]
+        idx = idx.to(self.sources[0].device)
         if self.stream is None:
             return idx, [s.index_select(0, idx).to(self.device, non_blocking=True) for s in self.sources], None
         slot, self.slot = self.slot, 1 - self.slot

@@ -99,6 +99,9 @@ def cache_key(cfg: Config, kind: str, weights: str, images: str, label: str, wor
     if kind == 'loss':
         recon = asdict(q.reconstruction)
         recon.pop('prefetch')  # where batches are gathered does not change the losses
+        if 'device' in (env or {}):  # 'auto' means another kernel set (other masks) on another device
+            from mrecg.kernels import resolve
+            recon['kernels'] = resolve(recon['kernels'], torch.device(env['device']))
         key.update(units=cfg.model.units, recon=recon,
                    probe_iterations=cfg.mrecg.probe_iterations)
         if ste_bounds != 'strict':

@@ -328,6 +328,9 @@ class ReconstructionConfig(Section):
                                                             'optimiser stay float32)')
     prefetch: Literal['auto', 'on', 'off'] = key('auto', doc="gather the next step's batch while this one computes "
                                                          '(auto: host caches feeding a GPU; same numbers)')
+    kernels: Literal['auto', 'reference', 'cpu', 'cuda', 'compiled'] = key(
+        'auto', doc="the step's kernel set (auto: cpu on the CPU; compiled on CUDA with Triton, else cuda); each draws "
+                    "its own QDrop masks, so it is part of the resume digest")
 
 
 def bit_list(v):
@@ -483,6 +486,8 @@ class ProcessConfig(Section):
     cache_dir: str = key('.cache/mrecg', doc='loss-metric probes and (opt-in) calibrated quantizers')
     cache_calibration: bool = key(False, doc='reuse calibrated quantizer ranges across runs')
     dist_timeout_s: float = key(1800.0, positive, 'data-parallel runs: longest wait for another process')
+    deterministic: bool = key(False, doc='CUDA: cuDNN picks deterministic kernels and no autotuner (slower; '
+                                         'the CPU is deterministic either way)')
 
 
 def percent(v):

@@ -4,7 +4,6 @@ Every check that can fail on bad input (paths, checkpoint, data, units, groups, 
 any heavy work. After each reconstructed unit the run state is written atomically to ``checkpoint.pt``,
 so ``--resume`` continues from the last finished unit and ends with the same numbers.
 """
-import hashlib
 import json
 import logging
 import os
@@ -18,11 +17,13 @@ import torch
 import torch.nn as nn
 
 from mrecg.api import ProbeState, QuantizationResult, RunState, quantize, resolve_device
+from mrecg.caching import digest
 from mrecg.config import Config, dump_config, resolve_path
 from mrecg.data import check_data, check_items, dataset
 from mrecg.distributed import current
 from mrecg.errors import NotResumable, UserError
 from mrecg.evaluation import Accuracy
+from mrecg.export import MISMATCHES
 from mrecg.planning import GroupingInfo, prepare, validate_grouping
 from mrecg.reconstruction import GroupResult
 from mrecg.reporting import (finite_or_none, oscillation_stats, plot_loss_curve, save_torch, unit_loss_table,
@@ -34,7 +35,7 @@ CONFIG, RESULTS, CSV, PLOT, STATE, LOG, QMODEL = ('config.yaml', 'results.json',
                                                   'checkpoint.pt', 'run.log', 'quantized_model.pt')
 ONNX, FLOAT_ONNX = 'model.onnx', 'model.float.onnx'  # export_onnx names the float twin after ONNX
 PREVIOUS = 'previous_run'  # --overwrite keeps the finished run here until the new one has succeeded
-RUN_FILES = (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX, 'export_mismatches.json')
+RUN_FILES = (RESULTS, CSV, PLOT, STATE, QMODEL, CONFIG, LOG, ONNX, FLOAT_ONNX, MISMATCHES)
 STATE_FORMAT = 4  # 4: phases (started, calibrated, probe, reconstruction), weights/images digests
 
 
@@ -147,7 +148,7 @@ def check_writable(path: str, what: str = 'the output folder') -> None:
 
 def config_digest(cfg: Config) -> str:
     """The digest of the resolved config in memory (not of whatever ``config.yaml`` holds at the time)."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    return digest(cfg.to_dict())
 
 
 def mark_started(output: str, digest: str) -> None:
@@ -338,6 +339,7 @@ def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
     if g.plain_unit_losses:
         record['plain_loss_curve'] = oscillation_stats(r.unit_names, g.plain_unit_losses)
     record['size'] = r.size
+    record['engine'] = r.engine
     if r.bit_search:
         record['bit_search'] = r.bit_search
     return record
@@ -353,37 +355,36 @@ def csv_row(record: Dict[str, Any]) -> Dict[str, Any]:
             'seconds': round(record['timing']['total_seconds'], 1)}
 
 
-def plan_images(cfg: Config):
-    """The calibration images --plan needs for a bit search with a data measure (None when it needs none)."""
-    from mrecg.bitsearch import DATA_MEASURES
+def plan_calibration_images(cfg: Config, needs: str) -> torch.Tensor:
+    """The run's calibration images, drawn for --plan (``needs`` says why, in the error when there is no data)."""
     from mrecg.data import calibration_images
-    bs = cfg.quantize.bit_search
-    if bs is None or bs.measure not in DATA_MEASURES:
-        return None
     try:
         train, _ = open_data(replace(cfg, data=replace(cfg.data, evaluate=False)))
     except UserError as exc:
-        raise UserError(f'quantize.bit_search.measure {bs.measure} needs the calibration data ({exc}); '
-                        '--set quantize.bit_search.measure=weight plans without data') from None
-    size = min(bs.samples, cfg.quantize.cali_size)
+        raise UserError(f'{needs} ({exc})') from None
     d = cfg.data
-    return calibration_images(train, cfg.quantize.cali_size, cfg.process.seed, d.batch_size, d.num_workers)[:size]
+    return calibration_images(train, cfg.quantize.cali_size, cfg.process.seed, d.batch_size, d.num_workers)
+
+
+def plan_images(cfg: Config):
+    """The calibration images --plan needs for a bit search with a data measure (None when it needs none)."""
+    from mrecg.bitsearch import DATA_MEASURES
+    bs = cfg.quantize.bit_search
+    if bs is None or bs.measure not in DATA_MEASURES:
+        return None
+    images = plan_calibration_images(cfg, f'quantize.bit_search.measure {bs.measure} needs the calibration data; '
+                                          '--set quantize.bit_search.measure=weight plans without data')
+    return images[:min(bs.samples, cfg.quantize.cali_size)]
 
 
 def cached_plan_losses(cfg: Config, model: nn.Module, unit_names: List[str]) -> Optional[List[float]]:
     """The loss metric's probe losses, if a full run with this config cached them (for --plan). The cache is
     keyed by the calibration images' content, so they are drawn (the data must be there)."""
     from mrecg.caching import RunCache, environment, images_id, model_digest
-    from mrecg.data import calibration_images
     if cfg.mrecg.metric != 'loss':
         return None
-    try:
-        train, _ = open_data(replace(cfg, data=replace(cfg.data, evaluate=False)))
-    except UserError as exc:
-        raise UserError(f'mrecg.metric loss: --plan looks the probe losses up by the calibration images, so it '
-                        f'needs the data ({exc})') from None
-    d = cfg.data
-    images = calibration_images(train, cfg.quantize.cali_size, cfg.process.seed, d.batch_size, d.num_workers)
+    images = plan_calibration_images(cfg, 'mrecg.metric loss: --plan looks the probe losses up by the calibration '
+                                          'images, so it needs the data')
     env = environment(resolve_device(cfg.process.device))
     return RunCache(cfg.process.cache_dir, cfg, model_digest(model), images_id(images), cfg.model.type,
                     env=env).unit_losses(unit_names)

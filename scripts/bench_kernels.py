@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mrecg import zoo
-from mrecg.fastquant import (AdaRoundWeight, dense_depthwise_plan, depthwise_dense, FastAdaRoundLayer,
+from mrecg.kernels.cpu import (AdaRoundWeight, dense_depthwise_plan, depthwise_dense, FastAdaRoundLayer,
                              keep_mask)
 from mrecg.config import QuantizeConfig
 from mrecg.quantization import calibrate, init_adaround, prepare_model

@@ -53,20 +53,21 @@ def interrupt_in(phase: str) -> None:
     elif phase == 'export':
         runner.export_folder = stop
     else:  # mid-unit: the 10th step of the third unit of the probe (phase loss probe) or of the reconstruction
-        real_step, real_save, seen = reconstruction.Reconstructor._step, runner.save_state, []
+        real_build, real_save, seen = reconstruction.Reconstructor.from_config, runner.save_state, []
 
         def save(output, digest, state):
             real_save(output, digest, state)
             seen.append(state.phase)
 
-        def step(self, t, i):
+        def on_step(group, i):
             probing = 'reconstruction' not in seen
             if probing == (phase == 'loss probe') and seen.count('probe' if probing else 'reconstruction') >= 3 \
                     and i == 10:
                 raise KeyboardInterrupt
-            return real_step(self, t, i)
-        runner.save_state, reconstruction.Reconstructor._step = save, step
 
+        def build(*args, **kwargs):  # every engine the run builds, with the public step hook
+            return real_build(*args, on_step=on_step, **kwargs)
+        runner.save_state, reconstruction.Reconstructor.from_config = save, build
 
 def child(phase: str, argv) -> int:
     interrupt_in(phase)

@@ -122,9 +122,9 @@ def test_nan_loss_falls_back_to_last_good_state(calibrated):
 def test_caches_are_freed_unit_by_unit(calibrated):
     recon, _, images = make(calibrated, iterations=2)
     sizes = []
-    recon.run(images, on_group_done=lambda res: sizes.append((len(recon.fp_cache), len(recon.q_cache))))
+    recon.run(images, on_group_done=lambda res: sizes.append((len(recon.streams.fp), len(recon.streams.q))))
     assert all(fp <= 1 and q <= 1 for fp, q in sizes)  # only the tensor the next unit reads
-    assert recon.fp_cache == {} and recon.q_cache == {}
+    assert recon.streams.fp == {} and recon.streams.q == {}
 
 
 def test_half_precision_cache_stays_close(calibrated):
@@ -158,7 +158,7 @@ def test_prefetch_gives_the_same_numbers(calibrated):
     runs = []
     for prefetch in ('off', 'on'):
         recon, q, images = make(calibrated, spans=[(1, 2)], iterations=15, prefetch=prefetch, cache_dtype='float16')
-        assert recon.lookahead == (prefetch == 'on')
+        assert recon.policy.prefetch == (prefetch == 'on')
         recon.run(images)
         runs.append((recon.unit_losses, {k: v.clone() for k, v in q.state_dict().items()}))
     (losses_a, state_a), (losses_b, state_b) = runs

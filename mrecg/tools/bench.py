@@ -39,8 +39,11 @@ from mrecg.data import calibration_images, eval_batches
 from mrecg.errors import UserError
 from mrecg.evaluation import evaluate
 from mrecg.planning import prepare
-from mrecg.quantization import calibrate, disable_all, enable_quantization, init_adaround, is_adaround_layer
+from mrecg.kernels import StepSeeds, kernel_set
+from mrecg.quantization import calibrate, disable_all, enable_quantization
 from mrecg.reconstruction import Reconstructor
+from mrecg.reconstruction.rounding import adaround_layers, init_rounding, train_graph
+from mrecg.reconstruction.step import regulariser_table
 from mrecg.runner import build_float_model, open_data
 from mrecg.units import UnitPartition, groups_from_spans
 
@@ -116,8 +119,7 @@ def our_reconstructor(qmodel, fp, cfg, units, device) -> Reconstructor:
     """Our engine on the plain partition (one unit per group), as the timed run and the warm-up use it."""
     partition = UnitPartition.build(qmodel, units)
     groups = groups_from_spans([], len(partition.units))
-    return Reconstructor(qmodel, fp, partition, groups, cfg.quantize.reconstruction, device, cfg.process.seed,
-                         progress=False, chunk_size=cfg.data.batch_size)
+    return Reconstructor.from_config(qmodel, fp, partition, groups, cfg, device)
 
 
 def ours(qmodel, fp, cfg, units, images, device, mem, count_flops=True):
@@ -146,19 +148,19 @@ def our_step_flops(fp, cfg, units, groups, images, device) -> int:
     probe = copy.deepcopy(fp)
     enable_quantization(probe)
     part = UnitPartition.build(probe, units)
-    mods = dict(probe.named_modules())
     rec = cfg.quantize.reconstruction
     x = images[:rec.batch_size].to(device)
-    r = Reconstructor(probe, probe, part, groups, rec, device, 0, progress=False)  # freezes weights
+    Reconstructor.from_config(probe, probe, part, groups, cfg, device, seed=0)  # freezes the weights
     for g in groups:
         outputs = part.outputs_of(g.first, g.last)
-        for n in part.nodes_of(g.first, g.last):
-            if n.op == 'call_module' and is_adaround_layer(mods[n.target]):
-                init_adaround(mods[n.target])
-        graph, _, _, learned = r.train_graph(g, outputs, torch.Generator(device=device))
-        for q in learned:
+        init_rounding(adaround_layers(probe, part, g))
+        # the reference kernels: the same convolutions, and no compiled region under the FLOP counter's mode
+        seeds = StepSeeds(torch.Generator(device=device), device)
+        net = train_graph(probe, part, g, outputs, kernel_set('reference', device), seeds,
+                          cfg.quantize.a_qconfig.ste_bounds, lambda: regulariser_table(rec.iterations, rec, device))
+        for q in net.learned:
             q.scale.requires_grad_(True)
-        flops += step_flops(graph, [x])
+        flops += step_flops(net.graph, [x])
         with torch.no_grad():
             x = part.build_graph(probe, g.first, g.last, outputs)(x)[0]
     return flops
@@ -353,7 +355,27 @@ def synthetic(args) -> int:
             if o and q:
                 print(f'{model} batch {batch}: speedup per step {q["step_s"] / o["step_s"]:.2f}, '
                       f'per projected paper run {q["projected_h"] / o["projected_h"]:.2f}')
+    if args.json:
+        write_table(args, name, table)
     return 0
+
+
+def write_table(args, device_name: str, table) -> None:
+    """The synthetic table as JSON: every row with the device, versions, date and the command that made it."""
+    import json
+    import platform
+    from mrecg.reconstruction import DevicePolicy
+    cfg = synthetic_config(args.synthetic[0], args.batch[0], max(args.batch[0], args.images), args.iters, args.prob,
+                           args.set)
+    policy = DevicePolicy.resolve(cfg.quantize.reconstruction, resolve_device(args.device), cfg.process.deterministic)
+    record = {'device': device_name, 'input_size': args.input_size, 'iters': args.iters, 'images': args.images,
+              'set': args.set, 'engine': policy.describe(), 'torch': torch.__version__,
+              'python': platform.python_version(), 'date': time.strftime('%Y-%m-%d'),
+              'command': 'python -m mrecg bench ' + ' '.join(sys.argv[2:] if sys.argv[1:2] == ['bench']
+                                                             else sys.argv[1:]),
+              'rows': [{'model': m, 'batch': b, 'engine': e, **r} for m, b, e, r in table]}
+    with open(args.json, 'w') as f:
+        json.dump(record, f, indent=1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -377,6 +399,8 @@ def parser() -> argparse.ArgumentParser:
                         help='untimed iterations per unit of every engine before timing (0: none; see warm_up)')
     parser.add_argument('--engines', nargs='+', default=['mqbench', 'ours'], choices=['mqbench', 'ours'],
                         help='which engines to time (one alone for its own peak memory)')
+    parser.add_argument('--json', metavar='PATH', help='synthetic: also write the table, device and versions here '
+                                                       '(scripts/record_gpu.py turns it into results rows)')
     return parser
 
 

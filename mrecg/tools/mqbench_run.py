@@ -81,9 +81,8 @@ def baseline_run(cfg, model, train, val, output: str, device, progress: bool) ->
     recon_seconds = time.perf_counter() - t
     # the loss of every base unit of the MQBench result, on our streams (no optimisation)
     partition = UnitPartition.build(quantized, prepared.units, prepared.partition.head_ops)
-    probe = Reconstructor(quantized, fp, partition, groups_from_spans([], len(partition.units)),
-                          dataclasses.replace(rec, enabled=False), device, seed, progress=False,
-                          chunk_size=cfg.data.batch_size)
+    probe = Reconstructor.from_config(quantized, fp, partition, groups_from_spans([], len(partition.units)), cfg,
+                                      device, settings=dataclasses.replace(rec, enabled=False), seed=seed)
     probe.run(images)
     enable_quantization(quantized)
     q_acc = evaluate(quantized, batches(), device, 'eval quantized', progress)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mrecg import zoo
-from mrecg.fastquant import FastActQuant, FastAdaRoundLayer, dense_depthwise_plan, depthwise_dense, keep_mask
+from mrecg.kernels.cpu import FastActQuant, FastAdaRoundLayer, dense_depthwise_plan, depthwise_dense, keep_mask
 from mrecg.config import QuantizeConfig
 from mrecg.quantization import calibrate, init_adaround, prepare_model
 

@@ -1,4 +1,4 @@
-"""Fast stand-ins for MQBench's AdaRound and QDrop fake quantizers inside the reconstruction step.
+"""The ``cpu`` kernels: stand-ins for MQBench's AdaRound and QDrop fake quantizers, tuned on a 2-core CPU.
 
 They compute the same function and gradients as the MQBench modules they wrap, and share their
 parameters (``alpha``, activation ``scale``), so hardening, saving and evaluation still go through MQBench.
@@ -117,8 +117,10 @@ class FastActQuant(nn.Module):
     """MQBench's QDropFakeQuantize (per-tensor, learnable step) as ``_QDropQuantize`` with cheap drop masks.
     The quantizer's switches and zero point are read once: they do not change while a unit is optimised."""
 
-    def __init__(self, quantizer: nn.Module, generator: Optional[torch.Generator], ste_bounds: str = 'strict'):
+    def __init__(self, quantizer: nn.Module, generator: Optional[torch.Generator], ste_bounds: str = 'strict',
+                 mask=None):
         super().__init__()
+        self.mask = mask or keep_mask  # (like, prob, generator) -> 0./1. floats: the kernel set's drop mask
         if ste_bounds not in ('strict', 'inclusive'):
             raise ValueError(f"ste_bounds must be strict or inclusive, got {ste_bounds!r}")
         self.inclusive = ste_bounds == 'inclusive'
@@ -135,7 +137,7 @@ class FastActQuant(nn.Module):
             return x
         q = self.q
         x = x.float()  # under bfloat16 autocast the convolutions' outputs: quantized in float32
-        keep = keep_mask(x, q.prob, self.generator) if q.prob < 1.0 else None
+        keep = self.mask(x, q.prob, self.generator) if q.prob < 1.0 else None
         return _QDropQuantize.apply(x, q.scale, self.zero_point, self.qmin, self.qmax, keep, self.inclusive)
 
 
@@ -152,12 +154,12 @@ class AdaRoundWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, alpha, floor_zp, scale, zero_point, grad_gain, qmin, qmax, reg_weight, beta):
+    def forward(ctx, alpha, floor_zp, scale, zero_point, grad_gain, qmin, qmax, reg_weight, beta, exp2_pow=True):
         sig = torch.sigmoid(alpha)
         pre = sig * 1.2 - 0.1
         h = pre.clamp(0, 1)
         ctx.save_for_backward(sig, pre, h if reg_weight else None, grad_gain)
-        ctx.reg = (reg_weight, beta)
+        ctx.reg = (reg_weight, beta, exp2_pow)
         level = h.add_(floor_zp).clamp_(qmin, qmax) if not reg_weight else (floor_zp + h).clamp_(qmin, qmax)
         if zero_point is not None:
             level.sub_(zero_point)
@@ -166,19 +168,19 @@ class AdaRoundWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         sig, pre, h, grad_gain = ctx.saved_tensors
-        reg_weight, beta = ctx.reg
+        reg_weight, beta, exp2_pow = ctx.reg
         grad_pre = grad * grad_gain  # d loss / d h, times 1.2
         if reg_weight:  # |2h-1|^(beta-1) sign(2h-1) = 2^(beta-1) t |t|^(beta-2), t = h - 1/2
             t = h - 0.5
             gain = -reg_weight * beta * 2 * 1.2 * 2 ** (beta - 1)
             if beta == 2:
                 grad_pre.add_(t, alpha=gain)
-            elif beta > 2:  # |t|^e as exp2(e log2|t|): 3x faster than pow on the CPU, ~1e-5 relative error
+            elif beta > 2 and exp2_pow:  # |t|^e as exp2(e log2|t|): 3x faster than pow on the CPU, ~1e-5 rel. error
                 grad_pre.addcmul_(t.abs().log2_().mul_(beta - 2).exp2_(), t, value=gain)
             else:  # |t|^(beta-2) is infinite at t = 0
                 grad_pre.add_(t.abs().pow_(beta - 1).copysign_(t), alpha=gain)
         grad_sig = torch.ops.aten.hardtanh_backward(grad_pre, pre, 0.0, 1.0)
-        return torch.ops.aten.sigmoid_backward(grad_sig, sig), None, None, None, None, None, None, None, None
+        return torch.ops.aten.sigmoid_backward(grad_sig, sig), None, None, None, None, None, None, None, None, None
 
 
 DENSE_DEPTHWISE_MAX = 16  # 2x2 maps and smaller: at 4x4 the conv kernel is as fast (measured, digits model)
@@ -218,11 +220,12 @@ def depthwise_dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 class FastAdaRoundLayer(nn.Module):
     """A conv/linear whose weight goes through ``AdaRoundWeight`` (floor(W/s) + zp precomputed per unit).
-    Set ``reg_weight`` and ``beta`` before each step; 0 during warm-up."""
+    ``regularise`` sets the regulariser before each step (weight 0 during warm-up)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, dense_depthwise: bool = True, exp2_pow: bool = True):
         super().__init__()
         self.layer = layer
+        self.exp2_pow = exp2_pow
         fq = layer.weight_fake_quant
         if (fq.gamma, fq.zeta) != (-0.1, 1.1):
             raise ValueError('FastAdaRoundLayer assumes the rectified sigmoid with gamma -0.1, zeta 1.1')
@@ -235,14 +238,17 @@ class FastAdaRoundLayer(nn.Module):
         inside = (self.floor_zp >= self.qmin) & (self.floor_zp <= self.qmax - 1)  # floor + h, h in (0, 1)
         self.grad_gain = self.scale * inside * 1.2
         self.reg_weight, self.beta = 0.0, 2.0
-        self.depthwise = (isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels == layer.out_channels
+        self.depthwise = (dense_depthwise and isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels == layer.out_channels
                           and layer.dilation == (1, 1) and layer.padding_mode == 'zeros'
                           and not isinstance(layer.padding, str))
         self.plans = {}
 
+    def regularise(self, step: int, weight: float, beta: float) -> None:
+        self.reg_weight, self.beta = weight, beta
+
     def forward(self, x):
         w = AdaRoundWeight.apply(self.layer.weight_fake_quant.alpha, self.floor_zp, self.scale, self.zero_point,
-                                  self.grad_gain, self.qmin, self.qmax, self.reg_weight, self.beta)
+                                  self.grad_gain, self.qmin, self.qmax, self.reg_weight, self.beta, self.exp2_pow)
         layer = self.layer
         if isinstance(layer, nn.Linear):
             return F.linear(x, w, layer.bias)

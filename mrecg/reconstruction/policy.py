@@ -1,0 +1,51 @@
+"""One device policy for the reconstruction step, instead of ``device.type`` checks spread over the engine.
+
+From the settings and the device it decides, once: the kernel set (``mrecg.kernels``), where the caches live,
+whether the next step's batch is gathered ahead (host caches feeding a GPU), and, while the engine runs, cuDNN's
+autotuner (on for CUDA: the step's shapes are static per group; off with ``deterministic``).
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from mrecg.config import ReconstructionConfig
+from mrecg.kernels import KernelSet, kernel_set
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    device: torch.device
+    kernels: KernelSet
+    cache_device: torch.device
+    prefetch: bool
+    cudnn_benchmark: bool
+    deterministic: bool = False
+
+    @classmethod
+    def resolve(cls, settings: ReconstructionConfig, device: torch.device, deterministic: bool = False):
+        cache_device = torch.device('cpu') if settings.cache_device == 'cpu' else device
+        prefetch = settings.prefetch == 'on' or (settings.prefetch == 'auto' and device.type == 'cuda'
+                                                  and cache_device.type == 'cpu')
+        return cls(device, kernel_set(settings.kernels, device), cache_device, prefetch,
+                   device.type == 'cuda' and not deterministic, deterministic)
+
+    def describe(self) -> dict:
+        """What results.json records of the engine's device choices."""
+        out = {'kernels': self.kernels.name, 'cache_device': str(self.cache_device), 'prefetch': self.prefetch}
+        if self.device.type == 'cuda':
+            out.update(cudnn_benchmark=self.cudnn_benchmark, deterministic=self.deterministic, tf32_conv=torch.backends.cudnn.allow_tf32,
+                       tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+        return out
+
+    @contextlib.contextmanager
+    def applied(self):
+        """cuDNN's autotuner and determinism as decided, restored afterwards (the caller's settings are the
+        caller's)."""
+        was = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark or (was[0] and self.device.type != 'cuda')
+        torch.backends.cudnn.deterministic = self.deterministic or was[1]
+        try:
+            yield self
+        finally:
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = was
