@@ -55,8 +55,13 @@ def hash_keep(like: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.T
     return (uniform32(like.numel(), seed, like.device) < threshold).view(like.shape)
 
 
+def _sum(a, b):
+    """The prologue's input: ``a``, or the residual ``a + b``, in float32."""
+    return a.float() if b is None else a.float() + b.float()
+
+
 def _prologue(a, b, act: str):
-    x = a.float() if b is None else a.float() + b.float()
+    x = _sum(a, b)
     if act == 'relu':
         x = torch.relu(x)
     elif act == 'relu6':
@@ -83,7 +88,7 @@ def act_backward(grad, a, b, scale, consts, seed, *, act: str, threshold: int, d
     lo, hi = (qmin - 1, qmax + 1) if inclusive else (qmin, qmax)
     inside = (level > lo) & (level < hi)
     keep = hash_keep(x, seed, threshold) if drop else torch.ones_like(inside)
-    pre = a.float() if b is None else a.float() + b.float()
+    pre = _sum(a, b)
     passes = keep.logical_not() | inside
     if act == 'relu':
         passes = passes & (pre > 0)

@@ -150,7 +150,8 @@ def our_step_flops(fp, cfg, units, groups, images, device) -> int:
     part = UnitPartition.build(probe, units)
     rec = cfg.quantize.reconstruction
     x = images[:rec.batch_size].to(device)
-    Reconstructor.from_config(probe, probe, part, groups, cfg, device, seed=0)  # freezes the weights
+    for p in probe.parameters():
+        p.requires_grad_(False)  # only the rounding variables and learned steps get gradients, as in the engine
     for g in groups:
         outputs = part.outputs_of(g.first, g.last)
         init_rounding(adaround_layers(probe, part, g))
