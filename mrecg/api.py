@@ -28,8 +28,9 @@ from mrecg.config import Config, as_config
 from mrecg.data import CalibData, EvalData, calibration_images, eval_batches, reading
 from mrecg.distributed import Dist, check_divisible, current
 from mrecg.errors import NotResumable, UserError
-from mrecg.evaluation import Accuracy, evaluate
-from mrecg.planning import GroupingInfo, Prepared, choose_groups, prepare, validate_grouping
+from mrecg.evaluation import Accuracy, check_logits, evaluate
+from mrecg.group_policy import GroupingInfo, choose_groups, validate_grouping
+from mrecg.preparation import Prepared, prepare
 from mrecg.quantization import (calibrate, disable_all, enable_quantization, is_adaround_layer, layer_bit_table,
                                 load_quantized_state)
 from mrecg.reconstruction import GroupResult, Reconstructor
@@ -195,7 +196,7 @@ def _calibrate(prepared: Prepared, images: torch.Tensor, cfg: Config, device: to
             load_quantized_state(prepared.qmodel, {k: v.to(device) for k, v in state.items()})
             enable_quantization(prepared.qmodel)
         return dist.broadcast(reused)
-    cached = cache.calibration() if cache else None
+    cached = cache.calibration(prepared.qmodel.state_dict()) if cache else None
     if cached is not None:
         load_quantized_state(prepared.qmodel, {k: v.to(device) for k, v in cached.items()})
         enable_quantization(prepared.qmodel)
@@ -298,6 +299,7 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
     model = copy.deepcopy(model).eval()
     images = run.timed('calibration_data_seconds', lambda: calibration_images(
         calib_data, cfg.quantize.cali_size, cfg.process.seed, cfg.data.batch_size, cfg.data.num_workers))
+    check_logits(model, images[:1], cfg.model.type or type(model).__name__)
     prints = Fingerprints(model_digest(model), images_id(images), eval_fingerprint(eval_data))
     check_resume(resume, prints)
     allocation = _bit_allocation(run, model, images)
@@ -327,7 +329,8 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
                               resumed=resume is not None, world_size=run.dist.world,
                               peak_cache_bytes_per_rank=run.dist.gather(recon.peak_cache_bytes),
                               bit_search=allocation.to_dict() if allocation else None,
-                              size=model_figures(prepared.qmodel, sample), engine=recon.policy.describe())
+                              size=model_figures(prepared.qmodel, sample),
+                              engine={**recon.policy.describe(), 'step_batch': recon.step_batch})
 
 
 def _bit_allocation(run: '_Session', model: nn.Module, images: torch.Tensor):

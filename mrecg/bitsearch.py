@@ -94,7 +94,7 @@ def count_macs(qmodel: fx.GraphModule, layers: List[str], sample: torch.Tensor) 
 
 def search_space(model: nn.Module, cfg: Config, sample: torch.Tensor):
     """The prepared model (every quantizer off) and the ``Space`` of ``cfg``'s bit search."""
-    from mrecg.planning import prepare
+    from mrecg.preparation import prepare
     prepared = prepare(model, cfg)
     qmodel = prepared.qmodel
     disable_all(qmodel)
@@ -196,7 +196,9 @@ def search_bits(model: nn.Module, cfg: Config, images: Optional[torch.Tensor], d
     w_scores = sensitivity.layer_scores(bs.measure, qmodel, space.searched, bs.candidates.w, symmetric_w, batch,
                                         device, cfg.process.seed, cfg.data.batch_size)
     a_scores = {}
-    if space.feeds:
+    if space.feeds and len(bs.candidates.a) == 1:  # one width: every searched input quantizer takes it, unranked
+        a_scores = {q: {bs.candidates.a[0]: 0.0} for q in space.feeds}
+    elif space.feeds:
         a_scores = (sensitivity.random_scores(list(space.feeds), bs.candidates.a, cfg.process.seed + 1)
                     if bs.measure == 'random' else sensitivity.activation_output_scores(
                         qmodel, list(space.feeds), bs.candidates.a, symmetric_a, batch, device, cfg.data.batch_size))
@@ -216,7 +218,10 @@ def _notes(cfg: Config, space: Space, problem: Problem) -> List[str]:
     notes = []
     if not space.searched:
         notes.append('no layer can be searched: every conv/linear is fixed by the first/last-layer rule or layer_bits')
-    if space.feeds and cfg.quantize.bit_search.budget.kind != 'bops_g':
+    if space.feeds and len(cfg.quantize.bit_search.candidates.a) == 1:
+        notes.append(f'candidates.a has one width: every searched activation quantizer is set to '
+                     f'{cfg.quantize.bit_search.candidates.a[0]} bits, not searched')
+    elif space.feeds and cfg.quantize.bit_search.budget.kind != 'bops_g':
         notes.append(f'the budget {cfg.quantize.bit_search.budget.kind} does not count activation bits: every '
                      'searched activation quantizer takes its least sensitive candidate (bound them with bops_g)')
     return notes

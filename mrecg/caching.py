@@ -9,6 +9,7 @@ CUDA draw different QDrop masks). Nothing is cached unless a cache folder is giv
 """
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
@@ -17,7 +18,11 @@ import torch
 import torch.nn as nn
 
 from mrecg.config import Config
+from mrecg.files import BadFile, read_json, read_torch
+from mrecg.quantization import state_mismatch
 from mrecg.reporting import save_torch, write_json
+
+log = logging.getLogger('mrecg')
 
 # bumped when the numbers a cache holds change (5/3: content keys with device and versions)
 FORMAT = {'calibration': 3, 'loss': 5}
@@ -124,11 +129,30 @@ class RunCache:
         key = cache_key(self.cfg, kind, self.weights, self.images, self.label, self.world, self.env)
         return os.path.join(self.folder, f'{kind}_{key}.' + ('pt' if kind == 'calibration' else 'json'))
 
-    def calibration(self) -> Optional[Dict[str, torch.Tensor]]:
+    def calibration(self, expected: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        """The cached calibrated state, if it fits ``expected`` (the prepared model's state: the same keys and
+        dtypes, finite values, each shape the model's or, for a quantizer's placeholder, one axis)."""
         path = self.path('calibration')
         if not self.cfg.process.cache_calibration or not os.path.isfile(path):
             return None
-        return torch.load(path, map_location='cpu', weights_only=True)
+        state = self._read(path, read_torch)
+        if state is None:
+            return None
+        problem = state_mismatch(state, expected)
+        return self._miss(path, problem) if problem else state
+
+    @staticmethod
+    def _read(path: str, read) -> Any:
+        try:
+            return read(path, 'cache entry')
+        except BadFile as exc:
+            log.warning('%s: treated as a miss, recomputed and replaced', exc)
+            return None
+
+    @staticmethod
+    def _miss(path: str, why: str) -> None:
+        log.warning('cache entry %s is %s: treated as a miss, recomputed and replaced', path, why)
+        return None
 
     def save_calibration(self, state: Dict[str, torch.Tensor]) -> None:
         if self.cfg.process.cache_calibration:
@@ -138,9 +162,14 @@ class RunCache:
         path = self.path('loss')
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            entry = json.load(f)
-        return entry['losses'] if entry.get('units') == names else None
+        entry = self._read(path, read_json)
+        if entry is None:
+            return None
+        losses = entry.get('losses') if isinstance(entry, dict) else None
+        if not (isinstance(losses, list) and len(losses) == len(names)
+                and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses)):
+            return self._miss(path, 'not a list of one loss per unit')
+        return losses if entry.get('units') == names else None
 
     def save_unit_losses(self, names: List[str], losses: List[float], iterations: int) -> None:
         write_json(self.path('loss'), {'units': names, 'losses': losses, 'iterations': iterations})

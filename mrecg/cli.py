@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 
@@ -85,23 +86,34 @@ def print_plan(cfg) -> None:
     print(plan(model, cfg, lambda names: cached_plan_losses(cfg, model, names), plan_images(cfg)))
 
 
+def read_config(args):
+    """The run's config (``--config`` with ``--set``, or the one saved in the ``--resume`` folder): read before
+    torch is imported, so a bad file is refused in a fraction of a second."""
+    from mrecg.config import load_config
+    from mrecg.errors import UserError
+    if args.resume and not os.path.isfile(os.path.join(args.resume, 'config.yaml')):
+        raise UserError(f'cannot resume {args.resume}: it has no config.yaml (not a ptq_main.py output folder)')
+    return load_config(os.path.join(args.resume, 'config.yaml') if args.resume else args.config, args.set)
+
+
 def main(argv=None, prog: str = 'ptq_main.py') -> int:
     args = parse_args(argv, prog)
+    from mrecg.errors import UserError
+    try:
+        cfg = read_config(args)
+    except UserError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
     from mrecg.distributed import Dist, PeerLost, shutdown
-    from mrecg.errors import NotResumable, UserError
+    from mrecg.errors import NotResumable
     from mrecg.locking import FolderBusy
     output, d = args.resume or args.output, Dist()
     with contextlib.ExitStack() as held:
         try:
             from mrecg import runner
             from mrecg.api import resolve_device
-            from mrecg.config import load_config
             from mrecg.locking import FolderLock
             from mrecg.reporting import setup_logging
-            if args.resume and not os.path.isfile(os.path.join(args.resume, runner.CONFIG)):
-                raise UserError(f'cannot resume {args.resume}: it has no {runner.CONFIG} (not a ptq_main.py output '
-                                'folder)')
-            cfg = load_config(os.path.join(args.resume, runner.CONFIG) if args.resume else args.config, args.set)
             if args.plan:
                 print_plan(cfg)
                 return 0
@@ -159,9 +171,9 @@ def resume_hint(output, export: bool = False) -> str:
     if output and os.path.isfile(os.path.join(output, 'checkpoint.pt')):
         world = os.environ.get('WORLD_SIZE', '1')
         launcher = f'torchrun --nproc_per_node={world}' if world not in ('', '1') else 'python'
-        hint = f'; continue with: {launcher} ptq_main.py --resume {output}'
+        hint = f'; continue with: {launcher} ptq_main.py --resume {shlex.quote(output)}'
     elif export and output and os.path.isfile(os.path.join(output, 'results.json')):
-        hint = f'; the run\'s results are written: export them with: mrecg export {output}'
+        hint = f'; the run\'s results are written: export them with: mrecg export {shlex.quote(output)}'
     previous = previous_results(output)
     return hint + (f'; the previous run\'s results are kept in {previous}' if previous else '')
 

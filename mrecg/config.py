@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 import yaml
 
 from mrecg.errors import ConfigError
+from mrecg.yamlfile import YamlLimit, dump_yaml, parse_yaml, read_yaml  # noqa: F401 - parse_yaml re-exported
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN_DATA = ('imagenet', 'imagefolder', 'digits', 'fashion_mnist')
@@ -77,6 +78,14 @@ def three_numbers(v):
 def non_negative_or_auto(v):
     """>= 0 or auto"""
     return None if v == 'auto' or v >= 0 else 'must be >= 0 or auto'
+
+
+def seed_range(v):
+    """0..2^63-1"""
+    return None if 0 <= v < 2 ** 63 else 'must be in 0..2^63-1 (a 64-bit seed)'
+
+
+INT64 = 2 ** 63  # every integer a run uses ends up in a torch/numpy int64
 
 
 def at_least_two(v):
@@ -172,6 +181,8 @@ class Section:
             problem = check(value) if check is not None and value is not None else None
             if problem:
                 raise ConfigError(f'{problem}, got {value!r}', f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+                raise ConfigError(f'must fit in 64 bits (|value| < 2^63), got {value}', f.name)
         self.check_section()
 
     def check_section(self) -> None:
@@ -242,7 +253,7 @@ class DataConfig(Section):
     mean: List[float] = key(list(IMAGENET_MEAN), three_numbers, 'normalisation (imagenet, imagefolder)')
     std: List[float] = key(list(IMAGENET_STD), three_numbers, 'normalisation (imagenet, imagefolder)')
     cali_transform: Literal['train', 'val'] = key('train', doc='train = RandomResizedCrop + flip (seeded)')
-    split_seed: int = key(0, doc="seed of the digits train/test split and of data.eval_limit's sample")
+    split_seed: int = key(0, seed_range, doc="seed of the digits train/test split and of data.eval_limit's sample")
     eval_limit: Optional[int] = key(None, positive, 'evaluate on at most this many images (a sample across the '
                                                     'classes, seeded by split_seed)')
     evaluate: bool = key(True, doc='false: no accuracy (no labelled data needed)')
@@ -393,9 +404,9 @@ class BitSearchConfig(Section):
         if self.budget is None:
             raise ConfigError('is required: one of avg_w_bits, size_mb, bops_g', 'budget')
         super().__post_init__()
-        if self.candidates.a and self.measure in ('fisher', 'weight'):
-            raise ConfigError(f'{self.measure} ranks weight bits only: with candidates.a set measure: output (or '
-                              'random)', 'measure')
+        if self.candidates.a and len(self.candidates.a) > 1 and self.measure in ('fisher', 'weight'):  # one: no search
+            raise ConfigError(f'{self.measure} ranks weight bits only: to search over candidates.a '
+                              f'{self.candidates.a} set measure: output (or random), or give one width', 'measure')
 
 
 @dataclass
@@ -413,6 +424,13 @@ class QuantizeConfig(Section):
         self.a_qconfig = ActQuantConfig() if self.a_qconfig is None else self.a_qconfig
         self.reconstruction = ReconstructionConfig() if self.reconstruction is None else self.reconstruction
         super().__post_init__()
+
+    def check_section(self):
+        rec = self.reconstruction
+        if rec.enabled and rec.batch_size > self.cali_size:  # every step would take the whole set, unsaid
+            raise ConfigError(f'({rec.batch_size}) is larger than quantize.cali_size ({self.cali_size}): every step '
+                              f'would use the same {self.cali_size} images; set it <= {self.cali_size} or raise '
+                              'cali_size', 'reconstruction.batch_size')
 
     def mqbench_prepare_dict(self) -> Dict:
         w, a = self.w_qconfig, self.a_qconfig
@@ -481,7 +499,7 @@ class MrecgConfig(Section):
 
 @dataclass
 class ProcessConfig(Section):
-    seed: int = key(1005, doc='seeds calibration draws, QDrop masks, batches and workers: same seed, same numbers')
+    seed: int = key(1005, seed_range, doc='seeds calibration draws, QDrop masks, batches and workers: same seed, same numbers')
     device: Literal['auto', 'cpu', 'cuda'] = key('auto', doc='auto = CUDA when present')
     cache_dir: str = key('.cache/mrecg', doc='loss-metric probes and (opt-in) calibrated quantizers')
     cache_calibration: bool = key(False, doc='reuse calibrated quantizer ranges across runs')
@@ -548,67 +566,6 @@ class Config(Section):
 
 
 # ---- files and overrides ---------------------------------------------------------------------------------
-class Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader (no tags execute) with the scalars of YAML 1.2's core schema, which is what a
-    reader expects: ``1e-3`` is a number (YAML 1.1: a string), ``010`` is ten (1.1: octal eight), ``on``,
-    ``off``, ``yes`` and ``no`` are strings (1.1: booleans). Used for config files and ``--set`` alike."""
-
-
-class Yaml12Dumper(yaml.SafeDumper):
-    """The dumper whose quoting matches ``Yaml12Loader``: ``config.yaml`` reads back as it was written."""
-
-
-YAML12_SCALARS = [
-    ('tag:yaml.org,2002:bool', r'^(?:true|True|TRUE|false|False|FALSE)$', 'tTfF'),
-    ('tag:yaml.org,2002:int', r'^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$', '-+0123456789'),
-    ('tag:yaml.org,2002:float', r'^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?'
-                                r'|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$', '-+0123456789.'),
-]
-
-
-def _core_schema(cls) -> None:
-    """Replace the YAML 1.1 bool/int/float/timestamp resolvers of ``cls`` by the core schema's."""
-    import re as regex
-    replaced = {tag for tag, _, _ in YAML12_SCALARS} | {'tag:yaml.org,2002:timestamp'}  # dates stay strings
-    cls.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in replaced]
-                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    for tag, pattern, first in YAML12_SCALARS:
-        cls.add_implicit_resolver(tag, regex.compile(pattern), list(first))
-
-
-def _core_int(loader, node) -> int:
-    text = loader.construct_scalar(node)
-    return int(text[2:], 8) if text.startswith('0o') else int(text, 16) if text.startswith('0x') else int(text, 10)
-
-
-_core_schema(Yaml12Loader)
-_core_schema(Yaml12Dumper)
-Yaml12Loader.add_constructor('tag:yaml.org,2002:int', _core_int)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass: no tags execute
-
-
-def read_yaml(path: str) -> Dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f'config file not found: {path}')
-    try:
-        with open(path) as f:
-            data = parse_yaml(f)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, 'problem_mark', None)
-        where = f' line {mark.line + 1}' if mark else ''
-        raise ConfigError(f'{path}{where}: invalid YAML ({getattr(exc, "problem", exc)})') from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f'cannot read config {path}: {exc}') from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f'{path}: the top level must be a mapping of sections (model, data, quantize, ...)')
-    return data
-
-
 def deep_merge(base: Dict, override: Dict) -> Dict:
     out = copy.deepcopy(base)
     for k, v in override.items():
@@ -641,6 +598,8 @@ def apply_overrides(data: Dict, overrides: Sequence[str]) -> Dict:
         dotted, raw = item.split('=', 1)
         try:
             value = parse_yaml(raw)
+        except YamlLimit as exc:
+            raise ConfigError(f'--set {dotted}: {exc}') from None
         except yaml.YAMLError:
             value = raw
         node = data
@@ -670,7 +629,7 @@ def as_config(config: Union[Config, Dict[str, Any], str, None]) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.dump(cfg.to_dict(), Dumper=Yaml12Dumper, sort_keys=False)
+    return dump_yaml(cfg.to_dict())
 
 
 def resolve_path(path: Optional[str]) -> Optional[str]:

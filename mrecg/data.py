@@ -101,12 +101,12 @@ def folder_transform(cfg: DataConfig, train: bool):
 
 
 def image_folder(cfg: DataConfig, split: str, train_transform: bool) -> Optional[Dataset]:
-    import torchvision.datasets as D
+    from mrecg.folders import image_folder_dataset
     folder = os.path.join(cfg.path, split)
     if not os.path.isdir(folder):
         return None
     try:
-        return D.ImageFolder(folder, folder_transform(cfg, train_transform))
+        return image_folder_dataset(folder, folder_transform(cfg, train_transform))
     except (FileNotFoundError, OSError) as exc:
         raise UserError(f'cannot use {folder} as an image folder: {first_line(exc)}') from None
 
@@ -137,6 +137,16 @@ def dataset(cfg: DataConfig, split: str) -> Optional[Dataset]:
     if cfg.type in FOLDER_TYPES:
         return image_folder(cfg, split, split == 'train' and cfg.cali_transform == 'train')
     return from_factory(cfg, split)
+
+
+def data_summary(train: Any, val: Any) -> str:
+    """The data line of the log: images per split (and, for image folders, classes and skipped links)."""
+    from mrecg.folders import folder_summary
+
+    def one(ds):
+        return folder_summary(ds) if hasattr(ds, 'classes') and hasattr(ds, 'samples') else f'{len(ds)} images'
+    return f'calibration split {one(train)}; ' + (f'evaluation split {one(val)}' if val is not None else
+                                                  'no evaluation split')
 
 
 def check_data(cfg: DataConfig) -> None:

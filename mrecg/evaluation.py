@@ -38,3 +38,25 @@ def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tenso
     if bad or total == 0:
         return Accuracy(None, None, total, bad)
     return Accuracy(100.0 * correct1 / total, 100.0 * correct5 / total, total)
+
+
+def check_logits(model: nn.Module, sample: torch.Tensor, name: str) -> None:
+    """Before any work: the model returns one tensor (the class scores), not a tuple or a dict, so a wrong
+    output is blamed on the model, once, and not on the data hours later. A forward that raises is left to the
+    calibration, which reports it."""
+    from mrecg.errors import UserError
+    try:
+        device = next((p.device for p in model.parameters()), sample.device)
+        with torch.no_grad():
+            out = model(sample.to(device))
+    except Exception:
+        return
+    if isinstance(out, torch.Tensor):
+        return
+    kind = type(out).__name__
+    inside = (f' with keys {", ".join(map(repr, list(out)[:4]))}' if isinstance(out, dict) else
+              f' of {len(out)}' if isinstance(out, (tuple, list)) else '')
+    pick = "out['logits']" if isinstance(out, dict) else 'out[0]'
+    raise UserError(f'model {name} returns a {kind}{inside}, not one tensor of class scores: wrap it so forward '
+                    f'returns the logits (e.g. return {pick}) and give the wrapper as model.type '
+                    '(path/to/file.py:Wrapper)')

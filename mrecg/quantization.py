@@ -8,7 +8,7 @@ that by default (``quantize.fold_bn``) and record the choice with every result.
 """
 import logging
 import fnmatch
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -105,6 +105,24 @@ def load_quantized_state(module: nn.Module, state: Dict[str, torch.Tensor]) -> N
                 own[key].data = torch.empty(value.shape, dtype=own[key].dtype, device=own[key].device)
     module.load_state_dict(state, strict=True)
 
+
+def state_mismatch(state: Any, expected: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Why ``state`` cannot be a calibrated state of the model whose state is ``expected``, or None."""
+    if not isinstance(state, dict):
+        return f'not the state of this model (a {type(state).__name__})'
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        return (f'not the state of this model ({len(missing)} of its {len(expected)} tensors missing, '
+                f'{len(extra)} others: ' + ', '.join(map(str, (missing or extra)[:2])) + ')')
+    for name, value in state.items():
+        own = expected[name]
+        if not isinstance(value, torch.Tensor) or value.dtype != own.dtype:
+            return f'not the state of this model ({name}: other type)'
+        if value.shape != own.shape and not (own.numel() <= 1 and value.dim() <= 1):
+            return f'not the state of this model ({name}: shape {tuple(value.shape)})'
+        if name.endswith('scale') and not torch.isfinite(value).all():
+            return f'damaged ({name} holds NaN/Inf)'
+    return None
 
 
 def quantizer_bits(fake_quant: nn.Module) -> int:

@@ -9,18 +9,22 @@ error accumulation, the paper's Theorem 1 for equivalent modules) scores 0; each
 high-capacity unit after a low-capacity one adds its relative size. ``max_unit_loss`` is the peak itself.
 """
 import csv
+import errno
 import io
 import itertools
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
+
+from mrecg.errors import UserError
 
 log = logging.getLogger('mrecg')
 
@@ -35,6 +39,21 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class LogFile(logging.FileHandler):
+    """``run.log``; when the disk refuses a line (full, read-only) it says so once on the console and stops
+    writing, instead of printing a traceback per line."""
+
+    def handleError(self, record):
+        if self.stream is not None and not getattr(self, 'failed', False):
+            self.failed = True
+            tqdm.write(f'warning: cannot write {self.baseFilename} any more; the log continues on the console only')
+        self.close()
+
+    def emit(self, record):
+        if not getattr(self, 'failed', False):
+            super().emit(record)
+
+
 def setup_logging(log_file: Optional[str] = None, quiet: bool = False) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -47,29 +66,53 @@ def setup_logging(log_file: Optional[str] = None, quiet: bool = False) -> None:
         console.setFormatter(fmt)
         log.addHandler(console)
     if log_file:
-        handler = logging.FileHandler(log_file)
+        handler = LogFile(log_file)
         handler.setFormatter(fmt)
         log.addHandler(handler)
 
 
 # ---- atomic files -------------------------------------------------------------------------------------
-def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
+FULL = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'the disk quota is used up',
+        errno.EROFS: 'the file system is read-only', errno.EFBIG: 'the file size limit is reached'}
+
+
+class DiskFull(UserError):
+    """A write refused by the file system (no space, quota, read-only): the previous file is untouched."""
+
+
+def free_space(folder: str) -> str:
     try:
+        return f'{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free'
+    except OSError:
+        return 'free space unknown'
+
+
+def _atomic(path: str, write) -> None:
+    """Write ``path`` through a temporary file in its folder and rename it over: a reader sees the old file or the
+    new one, never half of one. A full or read-only disk is one ``DiskFull`` line naming the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        if tmp is not None and os.path.exists(tmp):  # gone before the free space is measured
             os.unlink(tmp)
-        raise
+        raise DiskFull(f'cannot write {os.path.basename(path)} in {folder}: {FULL[exc.errno]} '
+                       f'({free_space(folder)}); the previous version of the file, if any, is kept: free space there') from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_text(path: str, text: str) -> None:
@@ -104,8 +147,9 @@ def on_cpu(obj: Any) -> Any:
 
 def save_torch(path: str, obj: Any) -> None:
     """``torch.save`` atomically, with every tensor on the CPU (a GPU run's files load without a GPU)."""
-    obj = on_cpu(obj)
-    _atomic(path, lambda f: torch.save(obj, f))
+    buf = io.BytesIO()  # serialised first: torch's own writer reports a full disk as "unexpected pos"
+    torch.save(on_cpu(obj), buf)
+    _atomic(path, lambda f: f.write(buf.getbuffer()))
 
 
 def write_csv_row(path: str, row: Dict[str, Any]) -> None:

@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, replace
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,12 +21,13 @@ import torch.nn as nn
 from mrecg.api import ProbeState, QuantizationResult, RunState, quantize, resolve_device
 from mrecg.caching import digest
 from mrecg.config import Config, dump_config, resolve_path
-from mrecg.data import check_data, check_items, dataset
+from mrecg.data import check_data, check_items, data_summary, dataset, sample_input
 from mrecg.distributed import current
 from mrecg.errors import NotResumable, UserError
-from mrecg.evaluation import Accuracy
+from mrecg.evaluation import Accuracy, check_logits
 from mrecg.export import MISMATCHES
-from mrecg.planning import GroupingInfo, prepare, validate_grouping
+from mrecg.group_policy import GroupingInfo, validate_grouping
+from mrecg.preparation import prepare
 from mrecg.reconstruction import GroupResult
 from mrecg.reporting import (finite_or_none, oscillation_stats, plot_loss_curve, save_torch, unit_loss_table,
                              write_csv_row, write_json, write_text)
@@ -103,7 +106,7 @@ def prepare_output_dir(path: str, resume: bool, overwrite: bool, write: bool = T
         raise UserError(f'{path} already holds a finished run ({RESULTS}); choose another --output or pass '
                         '--overwrite')
     elif unfinished and not overwrite:
-        raise UserError(f'{path} holds an unfinished run; continue it with --resume {path} or start over with '
+        raise UserError(f'{path} holds an unfinished run; continue it with --resume {shlex.quote(path)} or start over with '
                         '--overwrite')
     if not write:
         return
@@ -137,9 +140,8 @@ def previous_results(path: Optional[str]) -> Optional[str]:
 def check_writable(path: str, what: str = 'the output folder') -> None:
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, '.write_test')
-        with open(probe, 'w') as f:
-            f.write('ok')
+        fd, probe = tempfile.mkstemp(prefix='.write_test.', dir=path)  # unique: two runs on one cache never collide
+        os.close(fd)
         os.remove(probe)
     except OSError as exc:
         where = '--output' if what == 'the output folder' else what
@@ -203,16 +205,15 @@ def check_run(cfg: Config, export: bool = False) -> Tuple[nn.Module, Any, Option
     ``export`` whether the exporter can write the quantized graph (built from the uncalibrated model)."""
     model = build_float_model(cfg)
     train, val = open_data(cfg)
+    check_logits(model, sample_input(train), cfg.model.type)
     prepared = prepare(model, cfg)
     validate_grouping(cfg, prepared)
     if cfg.process.cache_calibration or cfg.mrecg.metric == 'loss':  # a cache written after hours must not fail
         check_writable(cfg.process.cache_dir, 'process.cache_dir')
     if cfg.quantize.bit_search:
         from mrecg.bitsearch import check_budget
-        from mrecg.data import sample_input
         check_budget(model, cfg, sample_input(train))
     if export:
-        from mrecg.data import sample_input
         from mrecg.export import check_exportable
         check_exportable(prepared.qmodel, sample_input(train))
     return model, train, val
@@ -233,6 +234,7 @@ def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, res
     if state:
         log.info('resuming %s after the %s phase (%d units reconstructed)', output, state.phase, len(state.results))
     log.info('model %s %s, checkpoint %s, device %s', cfg.model.type, cfg.model.kwargs, cfg.model.path, device)
+    log.info('data %s: %s', cfg.data.type, data_summary(train, val))
     result = quantize(model, train, cfg, val, device=device, progress=progress, cache_dir=cfg.process.cache_dir,
                       resume=state, on_unit_done=lambda s: save_state(output, digest, s))
     record = results_record(cfg, result)

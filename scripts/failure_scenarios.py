@@ -3,7 +3,7 @@
 "Runs that survive" table in the docs (``results/failure_scenarios.json``).
 
     python scripts/failure_scenarios.py                  # every scenario, ~3 min on 2 cores
-    python scripts/failure_scenarios.py --out /tmp/f.json --only ctrl-c
+    python scripts/failure_scenarios.py --only-hostile   # the hostile-file rows only (the others kept)
 
 Ctrl-C in a given phase is a KeyboardInterrupt raised in that phase (what SIGINT raises in Python), injected
 into a child process by ``--child PHASE``, so every phase is hit exactly; the concurrent launch and the
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -219,6 +220,192 @@ def overwrite_failure(tmp, cfg):
                'the new run writes its results', ok=kept == before and kept is not None)
 
 
+# ---- hostile files and faults (issue 31) -------------------------------------------------------------------
+def alias_bomb() -> str:
+    lines = ['a0: &a0 [x, x, x, x, x, x, x, x, x]']
+    lines += [f'a{i}: &a{i} [' + ', '.join([f'*a{i - 1}'] * 9) + ']' for i in range(1, 10)]
+    return 'model:\n  kwargs:\n' + ''.join(f'    {line}\n' for line in lines)
+
+
+def with_file(tmp, name, text):
+    path = os.path.join(tmp, name)
+    with open(path, 'w') as f:
+        f.write(text)
+    return path
+
+
+def refused(scenario, proc, tmp, needle, kept='refused before any work: nothing started'):
+    one_line = len(proc.stderr.strip().splitlines()) == 1 and 'Traceback' not in proc.stderr
+    return row(scenario, proc, tmp, kept=kept, ok=proc.returncode == 2 and one_line and needle in proc.stderr)
+
+
+def config_cases(tmp, cfg):
+    base = open(cfg).read()
+    t0 = time.time()
+    bomb = cli('--config', with_file(tmp, 'bomb.yaml', alias_bomb()), '--output', os.path.join(tmp, 'bomb'))
+    took = time.time() - t0
+    deep = 'model:\n  kwargs: {x: ' + '[' * 10000 + ']' * 10000 + '}\n'
+    return [
+        refused(f'A YAML alias bomb (9 x 9 "billion laughs") in a config file (refused in {took:.1f} s)', bomb, tmp,
+                'expands to more than'),
+        refused('A value nested 10 000 levels deep', cli('--config', with_file(tmp, 'deep.yaml', deep)), tmp,
+                'nested deeper than'),
+        refused('A key twice in one mapping (a second `quantize:` section)',
+                cli('--config', with_file(tmp, 'dup.yaml', base + 'quantize:\n  cali_size: 64\n')), tmp,
+                'appears twice'),
+        refused('`--set process.seed=18446744073709551616` (2^64)',
+                cli('--config', cfg, '--set', 'process.seed=18446744073709551616'), tmp, '0..2^63-1'),
+        refused('`quantize.cali_size=16` with a 64-image step batch',
+                cli('--config', cfg, '--set', 'quantize.cali_size=16', 'quantize.reconstruction.batch_size=64'), tmp,
+                'is larger than quantize.cali_size')]
+
+
+def full_disk(tmp, cfg, reference):
+    """A 200 kB tmpfs as the output folder (needs root; left out where it cannot be staged)."""
+    disk = os.path.join(tmp, 'disk')
+    os.makedirs(disk)
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=200k', 'tmpfs', disk], capture_output=True).returncode:
+        return []
+    try:
+        out = os.path.join(disk, 'run')
+        first = cli('--config', cfg, '--output', out)
+        subprocess.run(['mount', '-o', 'remount,size=50m', disk], check=True)
+        then = cli('--resume', out)
+        ok = first.returncode == 2 and 'no space left' in first.stderr and top1(out) == reference
+        return [row('The disk fills up (a 200 kB file system) while the run writes its checkpoint', first, tmp,
+                    then='free space, then ptq_main.py --resume DIR', then_proc=then,
+                    kept=f'the previous checkpoint stayed whole; resumed run top-1 {top1(out)} (uninterrupted '
+                         f'{reference})', ok=ok)]
+    finally:
+        subprocess.run(['umount', disk], capture_output=True)
+
+
+def spaces_in_paths(tmp, cfg, reference):
+    out = os.path.join(tmp, 'my runs', 'größe 1')
+    first = cli('--config', cfg, '--output', out, phase='reconstruction')
+    hint = first.stderr.strip().splitlines()[-1].split('continue with: ')[-1]
+    pasted = subprocess.run(hint.replace('python', shlex.quote(sys.executable), 1) + ' --no-progress', shell=True,
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return row('An output folder with spaces and non-ASCII characters, interrupted; the printed command pasted',
+               first, tmp, then='the printed command, pasted into a shell', then_proc=pasted,
+               kept=f'resumed run top-1 {top1(out)} (uninterrupted {reference})',
+               ok=pasted.returncode == 0 and top1(out) == reference)
+
+
+def symlink_loop(tmp):
+    import mrecg
+    from PIL import Image
+    data = os.path.join(tmp, 'folder_data')
+    for split, n in (('train', 8), ('val', 2)):
+        for c in range(10):
+            os.makedirs(os.path.join(data, split, str(c)))
+            for i in range(n):
+                Image.new('RGB', (8, 8), (c * 20, i * 30, 0)).save(os.path.join(data, split, str(c), f'{i}.png'))
+    os.symlink('.', os.path.join(data, 'val', '3', 'more'))
+    weights = os.path.join(tmp, 'rgb.pth')
+    torch.save(mrecg.create_model('mobilenet_v2_small', {'in_chans': 3}).state_dict(), weights)
+    conf = {**CONFIG, 'model': {'type': 'mobilenet_v2_small', 'kwargs': {'in_chans': 3}, 'path': weights},
+            'data': {'type': 'imagefolder', 'path': data, 'input_size': 8, 'test_resize': 8, 'num_workers': 0},
+            'quantize': {**CONFIG['quantize'], 'reconstruction': {'enabled': False}}, 'mrecg': {'metric': 'none'}}
+    out = os.path.join(tmp, 'folder_run')
+    proc = cli('--config', with_file(tmp, 'folder.yaml', yaml.safe_dump(conf)), '--output', out)
+    line = log_line(out, ' data imagefolder')
+    images = json.load(open(os.path.join(out, 'results.json')))['eval_images'] if top1(out) is not None else None
+    return row('A symlink loop inside an image folder (`ln -s . val/3/more`, 20 images)', proc, tmp,
+               kept=f'evaluated on {images} images; log: "{short(line, tmp)}"', ok=proc.returncode == 0 and images == 20)
+
+
+NETS = '''
+import torch.nn as nn
+class TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x)).flatten(1)), x
+'''
+
+
+def tuple_model(tmp, cfg):
+    import importlib.util
+    nets = with_file(tmp, 'nets.py', NETS)
+    spec = importlib.util.spec_from_file_location('nets', nets)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.TupleNet().state_dict(), os.path.join(tmp, 'nets.pth'))
+    proc = cli('--config', cfg, '--output', os.path.join(tmp, 'tuple'), '--set', f'model.type={nets}:TupleNet',
+               f'model.path={os.path.join(tmp, "nets.pth")}')
+    return refused('A model whose forward returns a tuple', proc, tmp, 'returns a tuple',
+                   kept='refused before any work, naming the model; no resume hint (resuming cannot help)')
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ('touch /tmp/mrecg_failures_pwned',))
+
+
+def damaged_exports(tmp):
+    rows = []
+    for damage, what in (('truncated', 'cut off'), ('pickle', 'a pickle payload that runs a command')):
+        folder = os.path.join(tmp, f'export_{damage}')
+        shutil.copytree(os.path.join(tmp, 'reference'), folder)
+        path = os.path.join(folder, 'quantized_model.pt')
+        if damage == 'truncated':
+            data = open(path, 'rb').read()
+            open(path, 'wb').write(data[:1000])
+        else:
+            torch.save({'x': Payload()}, path)
+        proc = cli(folder, command=('-m', 'mrecg', 'export'))
+        rows.append(refused(f'`mrecg export` of a run whose quantized_model.pt is {what}', proc, tmp,
+                            'quantized_model.pt', kept='nothing executed; the run folder untouched'))
+    return rows
+
+
+def cut_off_results(tmp):
+    tree = os.path.join(tmp, 'collect_tree')
+    for name in ('a', 'b'):
+        shutil.copytree(os.path.join(tmp, 'reference'), os.path.join(tree, name))
+    cut = os.path.join(tree, 'b', 'results.json')
+    text = open(cut).read()
+    open(cut, 'w').write(text[:len(text) // 2])
+    proc = cli(tree, '--out', os.path.join(tmp, 'collected'), command=('-m', 'mrecg', 'collect'))
+    table = os.path.isfile(os.path.join(tmp, 'collected.md'))
+    seen = next((x for x in proc.stderr.splitlines() if 'cannot read results' in x), '')
+    return row('`mrecg collect` over a tree where one results.json is cut off', proc, tmp,
+               kept=f'the table of the other runs is written ({"yes" if table else "no"})',
+               ok=proc.returncode == 0 and table and bool(seen), sees=short(seen, tmp))
+
+
+def damaged_cache(tmp, cfg, reference):
+    cache = os.path.join(tmp, 'cache_damaged')
+    sets = ['--set', f'process.cache_dir={cache}', 'process.cache_calibration=true']
+    cli('--config', cfg, '--output', os.path.join(tmp, 'cache_first'), *sets)
+    entry = next(os.path.join(cache, f) for f in os.listdir(cache) if f.startswith('calibration_'))
+    torch.save({'x': Payload()}, entry)
+    out = os.path.join(tmp, 'cache_second')
+    proc = cli('--config', cfg, '--output', out, *sets)
+    warned = log_line(out, 'treated as a miss')
+    return row('A hostile (pickle payload) calibration_<key>.pt in the cache folder', proc, tmp,
+               kept=f'log: "{short(warned, tmp)}"; top-1 {top1(out)} (uncached {reference}); nothing executed',
+               ok=proc.returncode == 0 and bool(warned) and top1(out) == reference
+               and not os.path.exists('/tmp/mrecg_failures_pwned'))
+
+
+def one_width_search(tmp, cfg):
+    proc = cli('--config', cfg, '--output', os.path.join(tmp, 'bits_one_a'), '--set', 'mrecg.metric=none',
+               'quantize.bit_search={candidates: {w: [2, 3, 4, 8], a: [4]}, budget: {avg_w_bits: 3}, samples: 32}')
+    return row('A bit search with `candidates: {w: [2, 3, 4, 8], a: [4]}` (the A4 the user wants)', proc, tmp,
+               kept='the weight bits searched with the default measure (fisher); every searched input at 4 bits',
+               ok=proc.returncode == 0)
+
+
+def hostile(tmp, cfg, reference):
+    rows = [*config_cases(tmp, cfg), *full_disk(tmp, cfg, reference), spaces_in_paths(tmp, cfg, reference),
+            symlink_loop(tmp), tuple_model(tmp, cfg), *damaged_exports(tmp), cut_off_results(tmp),
+            damaged_cache(tmp, cfg, reference), one_width_search(tmp, cfg)]
+    return [{**r, 'group': 'hostile'} for r in rows]
+
+
 def row(scenario, proc, tmp, then=None, then_proc=None, kept='', ok=True, sees=None):
     seen = sees or short(last_line(proc.stderr) or last_line(proc.stdout), tmp)
     entry = {'scenario': scenario, 'exit_code': proc.returncode, 'user_sees': seen, 'nothing_lost': kept,
@@ -233,6 +420,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default=os.path.join(ROOT, 'results', 'failure_scenarios.json'))
     p.add_argument('--child', choices=PHASES, help=argparse.SUPPRESS)
+    p.add_argument('--only-hostile', action='store_true', help="rerun only the hostile-file scenarios; the other "
+                   "rows are kept from --out")
     p.add_argument('rest', nargs='*', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -248,7 +437,9 @@ def main(argv=None) -> int:
         return 1
     reference = top1(os.path.join(tmp, 'reference'))
     rows = [concurrent(tmp, cfg), *ctrl_c(tmp, cfg, reference), killed(tmp, cfg, reference),
-            *(changed(tmp, cfg, what, reference) for what in CHANGES), overwrite_failure(tmp, cfg)]
+            *(changed(tmp, cfg, what, reference) for what in CHANGES), overwrite_failure(tmp, cfg)] \
+        if not args.only_hostile else [r for r in json.load(open(args.out))['rows'] if r.get('group') != 'hostile']
+    rows += hostile(tmp, cfg, reference)
     record = {'command': 'python scripts/failure_scenarios.py', 'date': time.strftime('%Y-%m-%d'),
               'commit': git_commit(), 'machine': machine(), 'versions': versions(),
               'seconds': round(time.time() - t0), 'config': CONFIG, 'rows': rows}

@@ -75,6 +75,7 @@ class Reconstructor:
         self.iterations = settings.iterations if settings.enabled else 0
         self.loss_fn = loss_fn  # the unit losses' and, where not lp_loss, the training loss (the kernel set's else)
         self.policy = DevicePolicy.resolve(settings, device, deterministic)
+        self.step_batch: Optional[int] = None  # images per step as run (fewer than asked when the set is smaller)
         self.kernels = self.policy.kernels
         self.streams = Streams(partition, groups, device, self.policy.cache_device, DTYPES[settings.cache_dtype],
                                chunk_size, loss_fn, dist)
@@ -138,8 +139,12 @@ class Reconstructor:
         targets = [o.name for o in outputs]
         sources = ([streams.q[name] for name in inputs] + [streams.fp[name] for name, mix in zip(inputs, mixed) if mix]
                    + [streams.fp[name] for name in targets])
-        batches = StepBatches(sources, n, min(s.batch_size, n * self.dist.world) // self.dist.world, gen, self.device,
-                              self.policy.prefetch)
+        per_rank = min(s.batch_size, n * self.dist.world) // self.dist.world
+        if self.step_batch is None and per_rank * self.dist.world < s.batch_size:
+            log.warning('quantize.reconstruction.batch_size is %d but there are %d calibration images: every step '
+                        'uses all %d', s.batch_size, n * self.dist.world, per_rank * self.dist.world)
+        self.step_batch = per_rank * self.dist.world
+        batches = StepBatches(sources, n, per_rank, gen, self.device, self.policy.prefetch)
         params = alphas + scales
         loss = self.kernels.loss if self.loss_fn is lp_loss else self.loss_fn
         return Training(net, self.kernels, loss, params, [p.detach().clone() for p in params], adam, schedule, batches, rng,

@@ -16,7 +16,6 @@ and as numbers in ``<prefix>_curves.md``.
 """
 import argparse
 import csv
-import json
 import math
 import os
 import re
@@ -25,6 +24,7 @@ import sys
 from collections import Counter, defaultdict
 
 from mrecg.config import PAPER_RULE
+from mrecg.files import BadFile, read_json
 
 BITS_ORDER = [(4, 4), (2, 4), (3, 3), (2, 2)]
 METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 'mqbench-qdrop', 'qdrop',
@@ -45,8 +45,10 @@ def find_results(folders):
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if d != 'previous_run')
             if 'results.json' in files:
-                with open(os.path.join(root, 'results.json')) as f:
-                    yield json.load(f)
+                try:
+                    yield read_json(os.path.join(root, 'results.json'), 'results')
+                except BadFile as exc:  # one cut-off run does not hide the others
+                    print(f'warning: {exc}: left out of the table', file=sys.stderr)
 
 
 def model_label(r):

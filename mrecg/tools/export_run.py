@@ -10,18 +10,16 @@ the images and their top-1 accuracies differ by at most max(0.1 point, 2 images)
 section sets these; the images that differ are listed in ``DIR/export_mismatches.json``).
 """
 import argparse
-import json
 import os
 import sys
-
-import torch
 
 from mrecg.cli import export_line
 from mrecg.config import load_config
 from mrecg.errors import UserError
+from mrecg.files import BadFile, read_json, read_torch
 from mrecg.locking import FolderLock
 from mrecg.planning import prepare
-from mrecg.quantization import enable_quantization, load_quantized_state
+from mrecg.quantization import enable_quantization, load_quantized_state, state_mismatch
 from mrecg.runner import CONFIG, QMODEL, RESULTS, build_float_model, export_folder, open_data
 
 
@@ -43,12 +41,15 @@ def main(argv=None) -> int:
         model = build_float_model(cfg)
         train, val = open_data(cfg)
         prepared = prepare(model, cfg)
-        state = torch.load(os.path.join(args.folder, QMODEL), map_location='cpu', weights_only=True)
+        path = os.path.join(args.folder, QMODEL)
+        state = read_torch(path, 'the quantized model')
+        problem = state_mismatch(state, prepared.qmodel.state_dict())
+        if problem:
+            raise BadFile(f'{path} does not fit the model of {CONFIG}: it is {problem}')
         load_quantized_state(prepared.qmodel, state)
         enable_quantization(prepared.qmodel)
         with FolderLock(args.folder):  # a run still writing the folder, or another export, is refused
-            with open(os.path.join(args.folder, RESULTS)) as f:
-                record = json.load(f)
+            record = read_json(os.path.join(args.folder, RESULTS), 'the results')
             report = export_folder(args.folder, cfg, prepared.qmodel, train, val, record)
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
