@@ -19,6 +19,7 @@ import signal
 import sys
 
 from mrecg.config import PROJECT_ROOT
+from mrecg.helptext import PlainHelp
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parser(prog: str = 'ptq_main.py') -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=prog, description=__doc__, formatter_class=PlainHelp)
     p.add_argument('--config', help='YAML config (may extend others with _base_)')
     p.add_argument('--output', help='output folder (default: outputs/<config path under configs/>)')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
@@ -57,7 +58,7 @@ def parse_args(argv=None, prog: str = 'ptq_main.py'):
 def plan_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog='mrecg plan', description='What a run of the config would do, without data or '
                       'checkpoint: the base units with their ModCap, the chosen groups and the layers at other '
-                      'bit-widths (= ptq_main.py --config CONFIG --plan).')
+                      'bit-widths (= ptq_main.py --config CONFIG --plan).', formatter_class=PlainHelp)
     p.add_argument('--config', required=True, help='YAML config (may extend others with _base_)')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                    help='override config keys, e.g. mrecg.k=3 (repeatable; values are YAML 1.2)')
@@ -113,7 +114,7 @@ def main(argv=None, prog: str = 'ptq_main.py') -> int:
             from mrecg import runner
             from mrecg.api import resolve_device
             from mrecg.locking import FolderLock
-            from mrecg.reporting import setup_logging
+            from mrecg.reporting import close_log_file, setup_logging
             if args.plan:
                 print_plan(cfg)
                 return 0
@@ -125,6 +126,7 @@ def main(argv=None, prog: str = 'ptq_main.py') -> int:
             runner.prepare_output_dir(output, bool(args.resume), args.overwrite, write=d.main)
             d.barrier()
             setup_logging(os.path.join(output, runner.LOG) if d.main else None, quiet=not d.main)
+            held.callback(close_log_file)
             if lock is not None and lock.taken_over:
                 logging.getLogger('mrecg').warning('took over the lock of a run that is gone (%s)', lock.taken_over)
             record = runner.run(cfg, model, train, val, output, device, resume=bool(args.resume),

@@ -410,8 +410,8 @@ def judge_export(report: ExportReport, rule=None) -> bool:
 
 
 def check_export(report: ExportReport, rule=None, mismatches: Optional[str] = None) -> None:
-    """``judge_export``, raising an ``ExportError`` that names both figures and where the differing images are
-    listed (``mismatches``: the file the caller wrote them to)."""
+    """The verdict of ``mrecg.export.judge_export`` (documented beside it), raised as an ``ExportError`` that names
+    both figures and where the differing images are listed (``mismatches``: the file the caller wrote them to)."""
     if judge_export(report, rule):
         return
     c = report.check

@@ -71,6 +71,15 @@ def setup_logging(log_file: Optional[str] = None, quiet: bool = False) -> None:
         log.addHandler(handler)
 
 
+def close_log_file() -> None:
+    """The end of a run: ``run.log`` is closed (a caller that runs again in the same process, or unmounts the
+    output's disk, must not find it held open)."""
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
+
+
 # ---- atomic files -------------------------------------------------------------------------------------
 FULL = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'the disk quota is used up',
         errno.EROFS: 'the file system is read-only', errno.EFBIG: 'the file size limit is reached'}

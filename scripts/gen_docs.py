@@ -14,13 +14,17 @@ command, machine, date and commit that produced it.
 """
 import argparse
 import csv
+import inspect
 import json
 import os
 import re
+import shlex
 import sys
 import typing
 from dataclasses import MISSING, fields
 from typing import Dict, List
+
+import docs_plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'results')
@@ -43,7 +47,8 @@ def select(rows, where: str):
 
 
 def provenance(name: str, rows) -> str:
-    """Where the numbers of a table come from: its data file and each distinct command, machine, date, commit."""
+    """Where the numbers of a table come from: its data file and each distinct command, machine, date, commit.
+    A field a row does not have (empty or ``-``, e.g. the published numbers have no commit) is left out."""
     seen = []
     for r in rows:
         key = tuple(r.get(k, '') for k in PROVENANCE)
@@ -51,7 +56,12 @@ def provenance(name: str, rows) -> str:
             seen.append(key)
     lines = [f'<small>Data: `results/{name}.csv`.']
     for date, commit, machine, versions, command in seen:
-        lines.append(f' `{command}` — {machine}; {versions}; {date}, commit {commit}.')
+        known = lambda v: v.strip() not in ('', '-')  # noqa: E731
+        head = ' — '.join(filter(None, [f'`{command}`' if known(command) else '', machine if known(machine) else '']))
+        tail = '; '.join(filter(None, [versions if known(versions) else '',
+                                       ', '.join(filter(None, [date if known(date) else '',
+                                                               f'commit {commit}' if known(commit) else '']))]))
+        lines.append(' ' + '; '.join(filter(None, [head, tail])) + '.')
     return ''.join(lines) + '</small>'
 
 
@@ -62,6 +72,11 @@ def cell(value) -> str:
 
 
 def markdown_table(header: List[str], body: List[List[str]]) -> str:
+    """A pipe table; a row with another number of cells than the header is refused (a renderer drops the extra
+    cells silently, which is how columns went missing before)."""
+    for row in body:
+        if len(row) != len(header):
+            raise ValueError(f'a table row has {len(row)} cells under {len(header)} headers: {row[:3]}...')
     out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     out += ['| ' + ' | '.join(cell(c) for c in row) + ' |' for row in body]
     return '\n'.join(out)
@@ -83,6 +98,11 @@ def block_table(file: str, columns: str = '', where: str = '', headers: str = ''
     rows = select(rows_of(file), where)
     cols = columns.split(',') if columns else [c for c in rows[0] if c not in PROVENANCE]
     names = headers.split(',') if headers else cols
+    if len(names) != len(cols):
+        raise ValueError(f'{len(names)} headers for {len(cols)} columns of results/{file}.csv: {names}')
+    missing = [c for c in cols if c not in rows[0]]
+    if missing:
+        raise ValueError(f'results/{file}.csv has no column {", ".join(missing)} (it has {", ".join(rows[0])})')
     return markdown_table(names, [[r[c] for c in cols] for r in rows]) + '\n\n' + provenance(file, rows)
 
 
@@ -143,23 +163,24 @@ def block_at_a_glance() -> str:
 
 
 def block_groups() -> str:
-    """The groups ModCap picks on the paper's four models (data-free, from the code) next to the authors' ones."""
+    """The groups ModCap picks on the paper's four models (data-free, from the code): under the paper's rule with
+    the paper's k, under the default config as a run resolves it (its own k), and the authors' hand-picked ones."""
     import mrecg
     from mrecg.config import PAPER_RULE
     from mrecg.grouping import PUBLISHED_SCHEMES
     body = []
+    show = lambda groups: '; '.join(' + '.join(g) for g in groups)  # noqa: E731 (spaces: the cell can wrap)
     for name, k in (('resnet18', 2), ('resnet50', 4), ('regnetx_600m', 4), ('mobilenet_v2', 7)):
         model = mrecg.create_model(name)
         base = {'model': {'type': name}, 'data': {'type': 'imagenet'}, 'quantize': {'w_qconfig': {'bit': 2}}}
-        cells = []
-        for rule in (dict(PAPER_RULE, k=k), {'k': k}):
-            info = mrecg.plan(model, {**base, 'mrecg': {'metric': 'modcap', **rule}}).info
-            cells.append('; '.join('+'.join(g) for g in info.groups))
-        body.append([name, k, *cells, '; '.join('+'.join(g) for g in PUBLISHED_SCHEMES[name])])
-    return (markdown_table(['model', 'k', "ModCap, the paper's rule", 'ModCap, the default rule', "the authors' "
-                            '(hand-picked from losses)'], body)
-            + '\n\n<small>From the code: `mrecg plan` on each registry model (W2, data-free), '
-              '`scripts/gen_docs.py`.</small>')
+        paper = mrecg.plan(model, {**base, 'mrecg': {'metric': 'modcap', **PAPER_RULE, 'k': k}}).info
+        default = mrecg.plan(model, base).info
+        body.append([name, f'{k}: {show(paper.groups)}', f'{default.k}: {show(default.groups)}',
+                     show(PUBLISHED_SCHEMES[name])])
+    return (markdown_table(['model', "the paper's rule (its k: groups)", 'the default config (resolved k: groups)',
+                            "the authors' (hand-picked from losses)"], body)
+            + '\n\n<small>From the code: `mrecg plan` on each registry model (W2, data-free; the default config '
+              'is what a run with only `model` and `data` gets), `scripts/gen_docs.py`.</small>')
 
 
 def block_ci() -> str:
@@ -203,6 +224,74 @@ def block_bits_summary() -> str:
             continue
         parts += [f'### {title}', '', block_bits(model), '', f'![{title}](../img/bits_{model}.png)', '']
     return '\n'.join(parts) or 'Not measured yet.'
+
+
+def block_grouping_plot(page: str, file: str = 'grouping_rules') -> str:
+    """The default grouping against plain QDrop and the paper's rule: mean and std of every Fashion cell."""
+    rows = rows_of(file)
+    names = {'QDrop': 'QDrop', 'MRECG recommended + QDrop': 'MRECG default',
+             'MRECG paper rule + QDrop': "MRECG paper's rule"}
+    data = {'models': list(dict.fromkeys(r['model'] for r in rows)),
+            'settings': list(dict.fromkeys(r['w_a'] for r in rows)), 'series': list(names.values()),
+            'cells': {f'{r["model"]}|{r["w_a"]}|{names[r["grouping"]]}': [float(r['top1_mean']),
+                                                                          float(r['top1_std'] or 0)]
+                      for r in rows if r['grouping'] in names}}
+    image = docs_plots.register('grouping_rules', data, docs_plots.draw_grouping, page,
+                                'top-1 of plain QDrop, the default grouping and the paper rule per model and bits')
+    return image + '\n\n' + provenance(file, rows[:1])
+
+
+def gpu_rows():
+    return [r for r in rows_of('speed_gpu_synthetic') if r.get('ours_ms_per_iteration_per_unit')]
+
+
+def block_speed_plot(page: str) -> str:
+    """Ours against MQBench per step, 224x224 synthetic: the CPU rows and the GPU rows, each with its date."""
+    panels = []
+    cpu = rows_of('speed_synthetic')
+    by = {(r['model'], r['batch'], r['engine']): r for r in cpu}
+    keys = [(m, b) for m, b, e in by if e == 'ours' and (m, b, 'MQBench') in by]
+    panels.append({'title': f'{cpu[0]["machine"]}, measured {", ".join(sorted({r["date"] for r in cpu}))}',
+                   'keys': keys, 'ms': {f'{m}|{b}': [float(by[(m, b, 'MQBench')]['ms_per_iteration_per_unit']),
+                                                     float(by[(m, b, 'ours')]['ms_per_iteration_per_unit'])]
+                                        for m, b in keys}})
+    gpu = gpu_rows()
+    if gpu:
+        panels.append({'title': f'{gpu[0]["device"]}, {gpu[0]["engine"]}, measured '
+                                f'{", ".join(sorted({r["date"] for r in gpu}))}',
+                       'keys': [(r['model'], r['batch']) for r in gpu],
+                       'ms': {f'{r["model"]}|{r["batch"]}': [float(r['mqbench_ms_per_iteration_per_unit']),
+                                                             float(r['ours_ms_per_iteration_per_unit'])]
+                              for r in gpu}})
+    image = docs_plots.register('speed_per_step', {'panels': panels}, docs_plots.draw_speed, page,
+                                'ms per iteration per unit, MQBench and ours, on the CPU and on the GPU')
+    return (image + '\n\n<small>Data: `results/speed_synthetic.csv` and `results/speed_gpu_synthetic.csv` '
+            '(commands and commits there and in the tables below); lower is faster.</small>')
+
+
+PAPER_ITERATIONS = 20000  # per unit, the published setting
+
+
+def block_paper_run() -> str:
+    """How long the paper's run takes per model and device: the synthetic 224x224 bench rows, each with its date.
+    CPU rows are the bench's own projection (steps and cache passes); GPU rows are steps only (units x 20 000 x
+    the measured ms per iteration per unit)."""
+    cpu = rows_of('speed_synthetic')
+    units = {r['model'].split(' ')[0]: int(r['units']) for r in cpu}
+    body = [[r['model'], r['machine'], r['engine'], r['batch'], r['ms_per_iteration_per_unit'],
+             r['projected_paper_run'], f'measured {r["date"]}'] for r in cpu]
+    for r in gpu_rows():
+        n = units.get(r['model'])
+        for engine, col in (('MQBench', 'mqbench_ms_per_iteration_per_unit'),
+                            (f'ours ({r["engine"]})', 'ours_ms_per_iteration_per_unit')):
+            hours = n * PAPER_ITERATIONS * float(r[col]) / 3.6e6 if n else None
+            body.append([r['model'], r['device'], engine, r['batch'], r[col],
+                         f'{hours:.1f} h (steps only)' if hours else '-', f'measured {r["date"]}'])
+    return (markdown_table(['model', 'device', 'engine', 'images per step', 'ms per iteration per unit',
+                            'paper run (20 000 iterations per unit)', 'when'], body)
+            + '\n\n<small>Data: `results/speed_synthetic.csv`, `results/speed_gpu_synthetic.csv` (commands, '
+              'machines and commits there); `mrecg bench --synthetic` times random 224x224 images, so these are '
+              'times, never accuracy.</small>')
 
 
 # ---- whole pages -------------------------------------------------------------------------------------------------
@@ -290,14 +379,37 @@ PAGES = {'docs/reference/config.md': config_page, 'docs/reference/cli.md': cli_p
          'docs/reference/models.md': models_page}
 BLOCKS = {'table': block_table, 'pivot': block_pivot, 'demo': block_demo, 'failures': block_failures,
           'bits': block_bits, 'at_a_glance': block_at_a_glance, 'groups': block_groups, 'ci': block_ci,
-          'bits_summary': block_bits_summary, 'bits_targets': block_bits_targets}
+          'bits_summary': block_bits_summary, 'bits_targets': block_bits_targets,
+          'grouping_plot': block_grouping_plot, 'speed_plot': block_speed_plot, 'paper_run': block_paper_run}
 
 
-def render_blocks(text: str) -> str:
+def block_arguments(text: str) -> Dict[str, str]:
+    """A block's ``key=value`` arguments, on one line or one per line; a value with spaces or commas in a header
+    is quoted (``headers="top-1 ours,GPU memory"``). Shell-style quoting, so nothing is cut at a space."""
+    args = {}
+    for word in shlex.split(text):
+        key, eq, value = word.partition('=')
+        if not eq or not key.isidentifier():
+            raise ValueError(f'block argument {word!r} is not key=value (quote a value that has spaces)')
+        if key in args:
+            raise ValueError(f'block argument {key} given twice')
+        args[key] = value
+    return args
+
+
+def render_blocks(text: str, where: str = '') -> str:
     def one(m):
-        args = dict(a.split('=', 1) for a in re.findall(r'\S+=(?:"[^"]*"|\S+)', m.group('args')))
-        args = {k: v.strip('"') for k, v in args.items()}
-        return m.group(1) + BLOCKS[m.group('name')](**args).rstrip() + '\n' + m.group(5)
+        name = m.group('name')
+        if name not in BLOCKS:
+            raise SystemExit(f'{where}: no generated block named {name} (known: {", ".join(BLOCKS)})')
+        args = block_arguments(m.group('args'))
+        if 'page' in inspect.signature(BLOCKS[name]).parameters:
+            args['page'] = os.path.join(ROOT, where)  # a plot's image path is relative to its page
+        try:
+            body = BLOCKS[name](**args)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SystemExit(f'{where}: block {name}: {exc}') from None
+        return m.group(1) + body.rstrip() + '\n' + m.group(5)
     return BLOCK.sub(one, text)
 
 
@@ -317,7 +429,7 @@ def generate() -> Dict[str, str]:
         with open(path) as f:
             text = f.read()
         if '<!-- generated:' in text:
-            out[path] = render_blocks(text)
+            out[path] = render_blocks(text, os.path.relpath(path, ROOT))
     return out
 
 
@@ -335,6 +447,10 @@ def main(argv=None) -> int:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, 'w') as f:
                     f.write(text)
+    plots = docs_plots.stale()
+    stale += [os.path.relpath(p.path, ROOT) for p in plots]
+    if plots and not args.check:
+        docs_plots.draw_all(plots)
     if args.check and stale:
         print('stale generated docs (run python scripts/gen_docs.py): ' + ', '.join(stale), file=sys.stderr)
         return 1

@@ -109,7 +109,8 @@ def tiny_disk(tmp_path):
     if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=200k', 'tmpfs', str(mount)], capture_output=True).returncode:
         pytest.skip('cannot mount a small tmpfs here (needs root)')
     yield mount
-    subprocess.run(['umount', str(mount)], capture_output=True)
+    if subprocess.run(['umount', str(mount)], capture_output=True).returncode:
+        subprocess.run(['umount', '-l', str(mount)], capture_output=True)  # never leave a mount behind
 
 
 def test_a_full_disk_keeps_the_previous_file_and_says_so(tiny_disk):
@@ -129,6 +130,13 @@ def test_a_run_on_a_full_disk_ends_in_one_line_and_resumes_once_there_is_space(t
     subprocess.run(['mount', '-o', 'remount,size=20m', str(tiny_disk)], check=True)
     assert cli(['--resume', out, '--no-progress'], capsys)[0] == 0
     assert not os.path.exists(os.path.join(out, '.mrecg.lock'))
+    held = []
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            held.append(os.readlink(f'/proc/self/fd/{fd}'))
+        except OSError:
+            pass
+    assert not [f for f in held if f.startswith(str(tiny_disk))], 'the run left files open (run.log?)'
 
 
 # ---- data folders --------------------------------------------------------------------------------------------

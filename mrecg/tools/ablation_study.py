@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 
 import mrecg
 
+from mrecg.helptext import PlainHelp
 from mrecg.tools import scheme_study  # summaries of finished runs
 from mrecg.tools import sweep  # commands, serial and Ray lanes
 
@@ -119,7 +120,7 @@ def plot(path: str, table: List[Dict], study: str, title: str) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg study ablation', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('--config', required=True, help='the config every variant starts from')
     p.add_argument('--study', choices=['batch', 'components'], required=True,
                    help='batch: the two sizes scaled together and alone; components: plain, grouping, expansion, both')

@@ -38,6 +38,7 @@ from mrecg.config import load_config
 from mrecg.data import calibration_images, eval_batches
 from mrecg.errors import UserError
 from mrecg.evaluation import evaluate
+from mrecg.helptext import PlainHelp
 from mrecg.planning import prepare
 from mrecg.kernels import StepSeeds, kernel_set
 from mrecg.quantization import calibrate, disable_all, enable_quantization
@@ -381,7 +382,7 @@ def write_table(args, device_name: str, table) -> None:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='mrecg bench', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelp)
     parser.add_argument('--config', help='a config to bench on its data (or --synthetic)')
     parser.add_argument('--synthetic', nargs='+', metavar='MODEL',
                         help='registry models at 224x224 on random images, randomly initialised (timing only)')

@@ -22,6 +22,7 @@ import statistics
 import sys
 from typing import Dict, List, Tuple
 
+from mrecg.helptext import PlainHelp
 from mrecg.tools import sweep
 from mrecg.tools.scheme_study import spearman
 
@@ -187,7 +188,7 @@ def write_correlation(out: str, rows: List[Dict]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg bits', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('--config', required=True, help='the config every run starts from')
     p.add_argument('--uniform', nargs='*', type=int, default=[2, 3, 4], help='uniform weight bit-widths to run')
     p.add_argument('--budgets', nargs='*', default=['size=w3'], help='avg_w_bits=X, size_mb=X, bops_g=X, size=wB[*F]')

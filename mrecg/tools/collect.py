@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 
 from mrecg.config import PAPER_RULE
 from mrecg.files import BadFile, read_json
+from mrecg.helptext import PlainHelp
 
 BITS_ORDER = [(4, 4), (2, 4), (3, 3), (2, 2)]
 METHOD_ORDER = ['nearest', 'adaround', 'mqbench-brecq', 'brecq', 'mrecg+brecq', 'mqbench-qdrop', 'qdrop',
@@ -208,7 +209,7 @@ def write_curves(curves, rank, prefix):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg collect', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('folders', nargs='+', help='folders searched for results.json (a sweep\'s --out)')
     p.add_argument('--out', help='path prefix of the .md and .csv (default: <first folder>/table)')
     p.add_argument('--no-curves', action='store_true', help='skip the loss-curve plots and numbers')

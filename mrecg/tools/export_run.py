@@ -17,6 +17,7 @@ from mrecg.cli import export_line
 from mrecg.config import load_config
 from mrecg.errors import UserError
 from mrecg.files import BadFile, read_json, read_torch
+from mrecg.helptext import PlainHelp
 from mrecg.locking import FolderLock
 from mrecg.planning import prepare
 from mrecg.quantization import enable_quantization, load_quantized_state, state_mismatch
@@ -25,7 +26,7 @@ from mrecg.runner import CONFIG, QMODEL, RESULTS, build_float_model, export_fold
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg export', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('folder', help='a finished ptq_main.py output folder')
     return p
 

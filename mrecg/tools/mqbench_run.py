@@ -20,19 +20,20 @@ from mrecg.bitsearch import model_figures
 from mrecg.config import dump_config, load_config
 from mrecg.data import calibration_images, eval_batches
 from mrecg.errors import UserError
+from mrecg.helptext import PlainHelp
 from mrecg.locking import FolderLock
 from mrecg.evaluation import evaluate
 from mrecg.planning import GroupingInfo, prepare
 from mrecg.quantization import calibrate, disable_all, enable_quantization, layer_bit_table
 from mrecg.reconstruction import Reconstructor
-from mrecg.reporting import setup_logging, write_json, write_text
+from mrecg.reporting import close_log_file, setup_logging, write_json, write_text
 from mrecg.runner import CONFIG, LOG, RESULTS, build_float_model, open_data, results_record
 from mrecg.units import UnitPartition, groups_from_spans
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg baseline', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('--config', required=True, help='YAML config (its grouping is ignored: MQBench has none)')
     p.add_argument('--output', required=True, help='output folder')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
@@ -54,7 +55,10 @@ def main(argv=None) -> int:
         with FolderLock(args.output):
             if os.path.isfile(os.path.join(args.output, RESULTS)):
                 raise UserError(f'{args.output} already holds a finished run')
-            return baseline_run(cfg, model, train, val, args.output, device, not args.no_progress)
+            try:
+                return baseline_run(cfg, model, train, val, args.output, device, not args.no_progress)
+            finally:
+                close_log_file()
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2

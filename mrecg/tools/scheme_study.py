@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import mrecg
 from mrecg import grouping
+from mrecg.helptext import PlainHelp
 
 from mrecg.tools import sweep  # run folders, commands, serial and Ray lanes
 
@@ -225,7 +226,7 @@ def analyse(args, cfg: mrecg.Config, names: List[str]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg study schemes', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('--config', required=True, help='the config every scheme runs with')
     p.add_argument('--schemes', type=int, default=16, help='random schemes to sample')
     p.add_argument('--sample-seed', type=int, default=0, help='seed of the random schemes')

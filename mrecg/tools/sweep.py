@@ -29,6 +29,7 @@ import time
 from typing import Optional
 
 from mrecg.config import PROJECT_ROOT
+from mrecg.helptext import PlainHelp
 
 QUANTIZE = [sys.executable, '-m', 'mrecg', 'quantize']  # the installed tool: no clone needed
 BASELINE = [sys.executable, '-m', 'mrecg', 'baseline']
@@ -176,7 +177,7 @@ def run_ray(jobs, address, cpus):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg sweep', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('--configs', nargs='+', required=True, help='YAML configs to run')
     p.add_argument('--methods', nargs='+', default=['qdrop', 'mrecg+qdrop'], choices=list(METHODS),
                    help='methods to run on every config (see above)')

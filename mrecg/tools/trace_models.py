@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import mrecg
 from mrecg.errors import UserError
+from mrecg.helptext import PlainHelp
 
 DEFAULT = ['torchvision:resnet18', 'torchvision:resnet50', 'torchvision:mobilenet_v2',
            'torchvision:mobilenet_v3_small', 'torchvision:regnet_x_400mf', 'torchvision:efficientnet_b0',
@@ -52,7 +53,7 @@ def exports(model: nn.Module) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mrecg models', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=PlainHelp)
     p.add_argument('models', nargs='*', default=DEFAULT, help='model types (default: the list above)')
     p.add_argument('--export', action='store_true', help='also quantize (smoke) and export each model to ONNX')
     p.add_argument('--csv', metavar='PATH', help='also write the rows with their provenance (the docs read '
