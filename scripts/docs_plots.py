@@ -77,8 +77,9 @@ def draw_grouping(plt, data):
         ax.set_xlabel('bit setting')
         ax.grid(axis='y', alpha=0.3)
     axes[0].set_ylabel('top-1 % (Fashion-MNIST test)\nmean ± std over 3 seeds')
-    axes[-1].legend(loc='lower left', fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='upper center', ncol=len(series), fontsize=9, frameon=False)
     return fig
 
 
