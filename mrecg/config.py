@@ -329,7 +329,9 @@ class ReconstructionConfig(Section):
     warm_up: float = key(0.2, unit_fraction, 'fraction of the iterations before the regulariser starts')
     prob: float = key(0.5, drop_prob, 'QDrop: probability of keeping an activation quantized (1.0 = BRECQ)')
     cache_device: Literal['auto', 'cpu', 'device'] = key('auto', doc='where the cached activations live (cpu: '
-                                                                     'host memory feeding the GPU)')
+                                                                     'host memory feeding the GPU; auto: the GPU '
+                                                                     'when their peak fits 80 % of its free memory, '
+                                                                     'else host memory, said in the log)')
     cache_dtype: Literal['float32', 'float16', 'bfloat16'] = key('float32', doc='dtype of the cached activations '
                                                                                 '(16-bit halves the memory)')
     head_ops: Literal['classifier', 'last_block'] = key('classifier', doc='pooling, flatten and the classifier\'s '

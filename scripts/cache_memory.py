@@ -14,13 +14,13 @@ to it; model weights too.
 import argparse
 
 import torch
-from torch.fx.passes.shape_prop import ShapeProp
 
 from mrecg import zoo
 from mrecg.grouping import PUBLISHED_SCHEMES, spans_from_scheme
 from mrecg.config import QuantizeConfig
 from mrecg.quantization import prepare_model
-from mrecg.units import UnitPartition, groups_from_spans, liveness, model_base_units
+from mrecg.reconstruction import memory
+from mrecg.units import UnitPartition, groups_from_spans, model_base_units
 
 PAPER_MODELS = [('resnet18', {}, 4096), ('resnet50', {}, 2048), ('mobilenet_v2', {'width_mult': 1.0}, 4096),
                 ('mobilenet_v2', {'width_mult': 0.75}, 4096), ('mobilenet_v2', {'width_mult': 0.5}, 4096),
@@ -28,39 +28,14 @@ PAPER_MODELS = [('resnet18', {}, 4096), ('resnet50', {}, 2048), ('mobilenet_v2',
 
 
 def per_image_bytes(partition: UnitPartition, size: int, dtype_bytes: int):
-    ShapeProp(partition.graph_module).propagate(torch.zeros(1, 3, size, size))
-    return {n.name: n.meta['tensor_meta'].shape.numel() * dtype_bytes for n in partition.graph_module.graph.nodes
-            if 'tensor_meta' in n.meta}
+    return memory.per_image_bytes(partition.graph_module, torch.zeros(1, 3, size, size), dtype_bytes)
 
 
 def peak_cache(partition: UnitPartition, spans, sizes, images: int):
-    """Peak bytes of the float + quantized caches while walking the groups as the engine does, and the group
-    it occurs at: float pass and optimisation (both input streams + float outputs), then the quantized pass
-    (float inputs freed, quantized inputs + both output streams)."""
-    groups = groups_from_spans(spans, len(partition.units))
-    last_use = liveness(partition, groups)
+    """The engine's own estimate (``mrecg.reconstruction.memory``), plus the input images' share."""
     placeholder = next(n.name for n in partition.graph_module.graph.nodes if n.op == 'placeholder')
-    fp = {placeholder: sizes[placeholder]}
-    q = {placeholder: 0}  # the images: one copy shared by both streams
-    peak, where = 0, ''
-    for gi, g in enumerate(groups):
-        inner = set()
-        for u in range(g.first, g.last + 1):
-            inner |= {n.name for n in partition.outputs_of(u, u)}
-        outputs = {n.name for n in partition.outputs_of(g.first, g.last)}
-        inner_bytes = sum(sizes[n] for n in inner - outputs)
-        for n in outputs:
-            fp[n] = sizes[n]
-        phase_a = sum(fp.values()) + sum(q.values()) + inner_bytes
-        fp = {n: b for n, b in fp.items() if last_use.get(n, -1) > gi or n in outputs}
-        for n in outputs:
-            q[n] = sizes[n]
-        phase_b = sum(fp.values()) + sum(q.values()) + inner_bytes
-        if max(phase_a, phase_b) > peak:
-            peak, where = max(phase_a, phase_b), g.name(partition.units)
-        fp = {n: b for n, b in fp.items() if last_use.get(n, -1) > gi}
-        q = {n: b for n, b in q.items() if last_use.get(n, -1) > gi}
-    return peak * images, where, sizes[placeholder] * images
+    peak, where = memory.peak_cache(partition, groups_from_spans(spans, len(partition.units)), sizes, images)
+    return peak, where, sizes[placeholder] * images
 
 
 def main():

@@ -188,3 +188,33 @@ def test_round_beta_schedule():
     assert round_beta(20, 100, 0.2, (20, 2)) == 20
     assert round_beta(60, 100, 0.2, (20, 2)) == pytest.approx(11.0)
     assert round_beta(100, 100, 0.2, (20, 2)) == 2
+
+
+def test_the_cache_estimate_is_never_below_the_measured_peak_and_close_to_it(calibrated):
+    from mrecg.reconstruction import memory
+    recon, _, images = make(calibrated, iterations=2)
+    fp = recon.fp_model
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    sizes = memory.per_image_bytes(fp, images, 4)
+    assert all(torch.equal(before[k], v) for k, v in fp.state_dict().items())  # no statistic moved
+    need, where = memory.peak_cache(recon.partition, recon.groups, sizes, len(images))
+    recon.run(images)
+    assert recon.peak_cache_bytes <= need <= 1.3 * recon.peak_cache_bytes, (need, recon.peak_cache_bytes, where)
+
+
+def test_auto_cache_placement_keeps_the_gpu_while_the_caches_fit():
+    from mrecg.reconstruction.memory import HEADROOM, cache_plan
+    gpu, gib = torch.device('cuda', 0), 2 ** 30
+    assert cache_plan('auto', gpu, 10 * gib, 24 * gib).device == gpu
+    moved = cache_plan('auto', gpu, int(HEADROOM * 24 * gib) + 1, 24 * gib)
+    assert moved.device.type == 'cpu' and 'host memory' in moved.reason and '24.0 GiB free' in moved.reason
+    assert cache_plan('device', gpu, 100 * gib, 24 * gib).device == gpu  # asked for: kept, even if it will not fit
+    assert cache_plan('cpu', gpu, 1, 24 * gib).device.type == 'cpu'
+    assert cache_plan('auto', torch.device('cpu'), 100 * gib, None).device.type == 'cpu'
+
+
+def test_auto_cache_placement_leaves_a_cpu_run_as_it_was(calibrated):
+    recon, _, images = make(calibrated, iterations=0)
+    policy = recon.policy
+    recon.place_caches(images)
+    assert recon.policy is policy and 'cache_reason' not in policy.describe()

@@ -4,6 +4,7 @@
 - ``rounding``: AdaRound (init, the kernel set's stand-in layer, harden) and the group's trainable graph;
 - ``step``: one group's optimisation state, its step, optimiser and loss windows;
 - ``policy``: the device policy (kernel set, cache placement, prefetch, cuDNN);
+- ``memory``: the caches' peak estimated before any is cached, and where ``cache_device: auto`` puts them;
 - ``engine``: the run loop (``Reconstructor``, built from a config with ``Reconstructor.from_config``).
 """
 from mrecg.kernels import lp_loss

@@ -28,6 +28,7 @@ from mrecg.batching import StepBatches
 from mrecg.config import ReconstructionConfig
 from mrecg.distributed import Dist
 from mrecg.kernels import StepSeeds, lp_loss
+from mrecg.reconstruction import memory
 from mrecg.reconstruction.policy import DevicePolicy
 from mrecg.reconstruction.rounding import adaround_layers, harden_rounding, init_rounding, train_graph
 from mrecg.reconstruction.step import LOG_EVERY, Training, optimiser, regulariser_table
@@ -192,11 +193,26 @@ class Reconstructor:
         return True
 
     # ---- driver --------------------------------------------------------------------------------------
+    def place_caches(self, images: torch.Tensor) -> None:
+        """``cache_device: auto`` on a GPU: the caches stay on it when their estimated peak fits the free memory,
+        else they live in host memory and the next batch is gathered ahead (said in the log and results.json)."""
+        s = self.settings
+        if s.cache_device != 'auto' or self.device.type != 'cuda':
+            return
+        sizes = memory.per_image_bytes(self.fp_model, images, DTYPES[s.cache_dtype].itemsize)
+        need, _ = memory.peak_cache(self.partition, self.groups, sizes, len(images))
+        plan = memory.cache_plan(s.cache_device, self.device, need, memory.free_device_memory(self.device))
+        if plan.device != self.policy.cache_device:
+            self.policy = self.policy.with_caches_on(plan.device, plan.reason, s.prefetch)
+            self.streams.cache_device = plan.device
+            log.warning(plan.reason)
+
     def run(self, images: torch.Tensor, done: Sequence[GroupResult] = (),
             on_group_done: Optional[Callable[[List[GroupResult]], None]] = None) -> List[GroupResult]:
         """Reconstruct every group. The first ``len(done)`` groups are already finished (resume): their
         streams are replayed, not re-optimised. ``on_group_done`` gets the results so far after each group."""
         streams, units = self.streams, self.partition.units
+        self.place_caches(images)
         streams.start(images)
         results = list(done)
         with self.policy.applied():

@@ -2,9 +2,11 @@
 
 From the settings and the device it decides, once: the kernel set (``mrecg.kernels``), where the caches live,
 whether the next step's batch is gathered ahead (host caches feeding a GPU), and, while the engine runs, cuDNN's
-autotuner (on for CUDA: the step's shapes are static per group; off with ``deterministic``).
+autotuner (on for CUDA: the step's shapes are static per group; off with ``deterministic``). ``cache_device:
+auto`` on a GPU is settled when the engine starts, from the caches' size and the free memory (``memory``).
 """
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ class DevicePolicy:
     prefetch: bool
     cudnn_benchmark: bool
     deterministic: bool = False
+    cache_reason: str = ''  # why the caches are where they are, when auto moved them off the GPU
 
     @classmethod
     def resolve(cls, settings: ReconstructionConfig, device: torch.device, deterministic: bool = False):
@@ -30,9 +33,17 @@ class DevicePolicy:
         return cls(device, kernel_set(settings.kernels, device), cache_device, prefetch,
                    device.type == 'cuda' and not deterministic, deterministic)
 
+    def with_caches_on(self, cache_device: torch.device, reason: str, prefetch_setting: str = 'auto'):
+        """The policy once ``cache_device: auto`` has measured where the caches fit (``memory.cache_plan``)."""
+        prefetch = prefetch_setting == 'on' or (prefetch_setting == 'auto' and self.device.type == 'cuda'
+                                                and cache_device.type == 'cpu')
+        return dataclasses.replace(self, cache_device=cache_device, prefetch=prefetch, cache_reason=reason)
+
     def describe(self) -> dict:
         """What results.json records of the engine's device choices."""
         out = {'kernels': self.kernels.name, 'cache_device': str(self.cache_device), 'prefetch': self.prefetch}
+        if self.cache_reason:
+            out['cache_reason'] = self.cache_reason
         if self.device.type == 'cuda':
             out.update(cudnn_benchmark=self.cudnn_benchmark, deterministic=self.deterministic, tf32_conv=torch.backends.cudnn.allow_tf32,
                        tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
