@@ -26,6 +26,7 @@ from mrecg.distributed import current
 from mrecg.errors import NotResumable, UserError
 from mrecg.evaluation import Accuracy, check_logits
 from mrecg.export import MISMATCHES
+from mrecg.files import BadFile, read_torch
 from mrecg.group_policy import GroupingInfo, validate_grouping
 from mrecg.preparation import prepare
 from mrecg.reconstruction import GroupResult
@@ -178,16 +179,23 @@ def load_state(output: str, digest: str) -> Optional[RunState]:
     if not os.path.isfile(path):
         return None
     try:
-        raw = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:
-        raise NotResumable(f'cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); '
-                        'start over with --overwrite') from None
+        raw = read_torch(path, 'the saved state')
+    except BadFile as exc:
+        raise NotResumable(f'{exc}; start over with --overwrite') from None
     if not isinstance(raw, dict) or raw.get('format') != STATE_FORMAT:
         raise NotResumable(f'{path} was written by another version of the engine, whose numbers differ; '
-                        'start over with --overwrite')
+                           'start over with --overwrite')
     if raw.get('config') != digest:
         raise NotResumable(f'{path} does not belong to {os.path.join(output, CONFIG)} (was the config edited?); '
-                        'start over with --overwrite')
+                           'start over with --overwrite')
+    try:
+        return state_from(raw)
+    except (KeyError, TypeError, ValueError) as exc:  # a state file cut short or written by hand
+        raise NotResumable(f'{path} is incomplete ({type(exc).__name__}: {exc}); start over with --overwrite') \
+            from None
+
+
+def state_from(raw: dict) -> Optional[RunState]:
     if raw['phase'] == 'started':
         return None
     fp, g, p = raw['fp_accuracy'], raw['grouping'], raw['probe']
@@ -199,7 +207,6 @@ def load_state(output: str, digest: str) -> Optional[RunState]:
                     allocation)
 
 
-# ---- the run ---------------------------------------------------------------------------------------------
 def check_run(cfg: Config, export: bool = False) -> Tuple[nn.Module, Any, Optional[Any]]:
     """Everything that can be checked before heavy work: model, checkpoint, data, units, groups, and with
     ``export`` whether the exporter can write the quantized graph (built from the uncalibrated model)."""

@@ -247,3 +247,9 @@ def test_every_python_block_runs(page, index, code, tiny_inputs):
     proc = subprocess.run([sys.executable, '-c', code], cwd=work, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS='2'))
     assert proc.returncode == 0, f'{page} block {index}:\n{proc.stderr[-2000:]}'
+
+
+def test_no_provenance_caption_prints_a_placeholder():
+    for page in PAGES:
+        for caption in re.findall(r'<small>(.*?)</small>', open(page).read(), re.S):
+            assert not re.search(r'(; -[;.]|commit -\.|— -;|: -\.)', caption), f'{page}: {caption[:200]}'

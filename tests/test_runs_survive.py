@@ -203,6 +203,35 @@ def test_resume_is_refused_when_the_weights_or_the_images_changed(change, tmp_pa
     assert code == 2 and f'the {what} differ from those this run started with' in err, err
 
 
+class NotATensor:
+    """Loading a pickle of this would import and build it: what weights_only refuses."""
+
+
+@pytest.mark.parametrize('damage', ['cut', 'missing key', 'code'])
+def test_a_damaged_saved_state_is_refused_in_one_line(damage, tmp_path, capsys, monkeypatch):
+    """checkpoint.pt cut short, missing a field (same format and config), or a pickle that would run code."""
+    cfg, _ = factory_config(tmp_path)
+    out = str(tmp_path / 'run')
+    interrupt_after(monkeypatch, 'reconstruction', 1)
+    assert cli(['--config', cfg, '--output', out, '--no-progress'], capsys)[0] == 130
+    monkeypatch.undo()
+    path = os.path.join(out, 'checkpoint.pt')
+    if damage == 'cut':
+        data = open(path, 'rb').read()
+        open(path, 'wb').write(data[:len(data) // 2])
+    elif damage == 'missing key':
+        state = torch.load(path, weights_only=True)
+        del state['results']
+        torch.save(state, path)
+    else:
+        torch.save({'format': 1, 'x': NotATensor()}, path)
+    code, _, err = cli(['--resume', out, '--no-progress'], capsys)
+    assert code == 2 and err.count('\n') == 1 and 'Traceback' not in err and 'start over with --overwrite' in err, err
+    expected = {'cut': 'cannot read the saved state', 'missing key': 'is incomplete (KeyError',
+                'code': 'it would run code to load'}[damage]
+    assert expected in err, err
+
+
 @pytest.mark.parametrize('change', ['images', 'weights'])
 def test_the_calibration_cache_misses_when_the_content_changes(change, tmp_path, capsys):
     cfg, ckpt = factory_config(tmp_path)
