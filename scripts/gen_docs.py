@@ -65,10 +65,15 @@ def provenance(name: str, rows) -> str:
     return ''.join(lines) + '</small>'
 
 
+UNIT = re.compile(r'(\d) (s|ms|h|min|GiB|MiB|MB|kB|GB|%|×)(?![\w])')
+
+
 def cell(value) -> str:
-    """A table cell: pipes escaped; angle brackets outside code spans escaped (else they read as HTML tags)."""
+    """A table cell: pipes escaped; angle brackets outside code spans escaped (else they read as HTML tags); a
+    number keeps its unit and its ± on its line (no-break spaces: "86.3 s" never wraps into "86.3 / s")."""
     parts = str(value).replace('|', '\\|').split('`')
-    return '`'.join(p if i % 2 else p.replace('<', '&lt;').replace('>', '&gt;') for i, p in enumerate(parts))
+    return '`'.join(p if i % 2 else UNIT.sub('\\1\u00a0\\2', p.replace(' ± ', '\u00a0±\u00a0'))
+                    .replace('<', '&lt;').replace('>', '&gt;') for i, p in enumerate(parts))
 
 
 def markdown_table(header: List[str], body: List[List[str]]) -> str:
