@@ -13,6 +13,12 @@ import torch
 
 from mrecg.config import ReconstructionConfig
 from mrecg.kernels import KernelSet, kernel_set
+from mrecg.reconstruction.memory import cache_plan
+
+
+def prefetch_for(setting: str, device: torch.device, cache_device: torch.device) -> bool:
+    """Gather the next batch ahead: asked for, or (auto) host caches feeding a GPU."""
+    return setting == 'on' or (setting == 'auto' and device.type == 'cuda' and cache_device.type == 'cpu')
 
 
 @dataclass(frozen=True)
@@ -27,17 +33,15 @@ class DevicePolicy:
 
     @classmethod
     def resolve(cls, settings: ReconstructionConfig, device: torch.device, deterministic: bool = False):
-        cache_device = torch.device('cpu') if settings.cache_device == 'cpu' else device
-        prefetch = settings.prefetch == 'on' or (settings.prefetch == 'auto' and device.type == 'cuda'
-                                                  and cache_device.type == 'cpu')
-        return cls(device, kernel_set(settings.kernels, device), cache_device, prefetch,
+        cache_device = cache_plan(settings.cache_device, device).device  # auto: settled at the start (engine)
+        return cls(device, kernel_set(settings.kernels, device), cache_device,
+                   prefetch_for(settings.prefetch, device, cache_device),
                    device.type == 'cuda' and not deterministic, deterministic)
 
     def with_caches_on(self, cache_device: torch.device, reason: str, prefetch_setting: str = 'auto'):
         """The policy once ``cache_device: auto`` has measured where the caches fit (``memory.cache_plan``)."""
-        prefetch = prefetch_setting == 'on' or (prefetch_setting == 'auto' and self.device.type == 'cuda'
-                                                and cache_device.type == 'cpu')
-        return dataclasses.replace(self, cache_device=cache_device, prefetch=prefetch, cache_reason=reason)
+        return dataclasses.replace(self, cache_device=cache_device, cache_reason=reason,
+                                   prefetch=prefetch_for(prefetch_setting, self.device, cache_device))
 
     def describe(self) -> dict:
         """What results.json records of the engine's device choices."""
