@@ -53,10 +53,11 @@ def __dir__():
     return sorted(set(globals()) | set(_WHERE))
 
 
-def export_onnx(model, path, sample, eval_batches=None):
-    """``result.model`` as ONNX with low-bit weights, checked in onnxruntime (see ``mrecg.export``)."""
+def export_onnx(model, path, sample, eval_batches=None, device='cpu'):
+    """``result.model`` as ONNX with low-bit weights, checked in onnxruntime against the fake-quant model (run on
+    ``device``) on ``eval_batches`` (see ``mrecg.export``)."""
     from mrecg.export import export_onnx as export
-    return export(model, path, sample, eval_batches)
+    return export(model, path, sample, eval_batches, device)
 
 
 def plan(model, config=None, cached_losses=None, calib_images=None):

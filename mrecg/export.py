@@ -19,7 +19,7 @@ import operator
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -349,15 +349,24 @@ def _latency_ms(session, sample: np.ndarray, repeats: int = 50) -> float:
 
 
 @torch.no_grad()
-def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], report: ExportReport):
+def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], report: ExportReport,
+             device: torch.device = torch.device('cpu')):
     """onnxruntime's and the fake-quant model's top-1 on the same batches, the images whose top-1 classes
-    differ (positions in the evaluation order) and the largest logit difference, into ``report``."""
-    qmodel = qmodel.cpu().eval()
+    differ (positions in the evaluation order) and the largest logit difference, into ``report``. The fake-quant
+    model runs on ``device`` (the run's), in full float32 (no TF32), and goes back to the CPU afterwards."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        try:
+            _compare_batches(session, qmodel.to(device).eval(), batches, report, device)
+        finally:
+            qmodel.cpu()
+
+
+def _compare_batches(session, qmodel, batches, report: ExportReport, device: torch.device):
     hits_ort = hits_fq = total = 0
     max_diff, differ = 0.0, []
     for x, y in batches:
-        ref = qmodel(x.float()).float()
-        got = torch.from_numpy(session.run(None, {'input': x.float().numpy()})[0])
+        ref = qmodel(x.to(device, torch.float32, non_blocking=True)).float().cpu()
+        got = torch.from_numpy(session.run(None, {'input': x.float().cpu().numpy()})[0])
         diff = (got - ref).abs()
         max_diff = max(max_diff, float(torch.nan_to_num(diff, nan=float('inf')).max()))  # NaN logits: inf
         hits_ort += int((got.argmax(1) == y).sum())
@@ -372,10 +381,12 @@ def _compare(session, qmodel: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
 
 
 def export_onnx(qmodel: fx.GraphModule, path: str, sample: torch.Tensor,
-                eval_batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None) -> ExportReport:
+                eval_batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                device: Union[str, torch.device] = 'cpu') -> ExportReport:
     """Write ``path`` (quantized) and ``<path stem>.float.onnx`` (the same graph in float), load both in
     onnxruntime, time them at batch 1 and, with ``eval_batches``, compare top-1, argmax and logits with the
-    fake-quant model. ``sample`` is an input batch (for the shape). ``check_export`` applies the agreement rule."""
+    fake-quant model (run on ``device``). ``sample`` is an input batch (for the shape). ``check_export``
+    applies the agreement rule."""
     import onnx
     import onnxruntime as ort
     float_path = os.path.splitext(path)[0] + '.float.onnx'
@@ -390,7 +401,7 @@ def export_onnx(qmodel: fx.GraphModule, path: str, sample: torch.Tensor,
                           onnxruntime=ort.__version__,
                           latency_ms={'quantized': _latency_ms(q_session, one), 'float': _latency_ms(f_session, one)})
     if eval_batches is not None:
-        _compare(q_session, qmodel, eval_batches, report)
+        _compare(q_session, qmodel, eval_batches, report, torch.device(device))
     return report
 
 

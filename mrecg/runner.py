@@ -251,7 +251,7 @@ def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, res
         write_outputs(output, cfg, result, record)
         discard_previous(output)
         if export:
-            export_folder(output, cfg, result.model, train, val, record)
+            export_folder(output, cfg, result.model, train, val, record, device)
     return record
 
 
@@ -269,16 +269,20 @@ def peak_rss_bytes() -> int:
     return peak if platform.system() == 'Darwin' else peak * 1024
 
 
-def export_folder(output: str, cfg: Config, qmodel: nn.Module, train, val, record: Dict[str, Any]):
+def export_folder(output: str, cfg: Config, qmodel: nn.Module, train, val, record: Dict[str, Any],
+                  device: str = 'cpu'):
     """``DIR/model.onnx`` (+ ``model.float.onnx``) from the quantized model, checked in onnxruntime on the
     evaluation data; the report (with the check's figures and verdict) goes into ``results.json`` under
     ``export`` and the images whose top-1 classes differ into ``DIR/export_mismatches.json`` before the rule
-    (``export`` config section) is enforced, so a failing check loses nothing."""
+    (``export`` config section) is enforced, so a failing check loses nothing. The fake-quant reference runs on
+    ``device`` with the config's data workers."""
     from mrecg.data import eval_batches, eval_sample, sample_input
     from mrecg.export import MISMATCHES, check_export, export_onnx, judge_export
     d = cfg.data
-    batches = eval_batches(val, d.batch_size, d.eval_limit, seed=d.split_seed) if val is not None else None
-    report = export_onnx(qmodel.cpu(), os.path.join(output, ONNX), sample_input(train), batches)
+    on_gpu = torch.device(device).type == 'cuda'
+    batches = eval_batches(val, d.batch_size, d.eval_limit, d.num_workers, pin_memory=on_gpu,
+                           seed=d.split_seed) if val is not None else None
+    report = export_onnx(qmodel.cpu(), os.path.join(output, ONNX), sample_input(train), batches, device)
     judge_export(report, cfg.export)
     mismatches = os.path.join(output, MISMATCHES)
     if report.onnxruntime_top1 is not None:

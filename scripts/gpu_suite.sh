@@ -62,7 +62,7 @@ except ImportError:
 EOF
 cat "$OUT/environment.txt"
 
-step cuda_tests 120 $PY -m pytest -q -rs tests/test_kernels.py tests/test_reconstruction.py -k cuda
+step cuda_tests 180 $PY -m pytest -q -rs tests/test_kernels.py tests/test_reconstruction.py tests/test_export.py -k "cuda or gpu"
 # kernels auto: compiled on CUDA with Triton; on a CPU dry run the compiled set is asked for, so it is what runs
 MAIN_SET=$([ "$DEVICE" = cuda ] && echo "process.deterministic=false" || echo "quantize.reconstruction.kernels=compiled")
 step synthetic 270 $PY -m mrecg bench --synthetic $MODELS --batch $BATCHES --iters $ITERS --device "$DEVICE" \

@@ -148,3 +148,14 @@ def test_an_operation_without_onnx_form_is_named():
                                                                  'iterations': 1, 'batch_size': 4}}})
     with pytest.raises(ExportError, match=r'method .size\(\) at size has no ONNX form'):
         mrecg.export_onnx(result.model, '/tmp/never_written.onnx', torch.randn(1, 1, 8, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_the_fake_quant_reference_on_the_gpu_agrees_as_on_the_cpu(tmp_path):
+    """The export check's fake-quant model may run on the run's GPU: same verdict, model back on the CPU."""
+    result, test = quantized('resnet_small', 4, 4)
+    cpu = mrecg.export_onnx(result.model, str(tmp_path / 'cpu.onnx'), test.images[:4], eval_batches(test, 100))
+    gpu = mrecg.export_onnx(result.model, str(tmp_path / 'gpu.onnx'), test.images[:4], eval_batches(test, 100),
+                            device='cuda')
+    assert abs(gpu.fake_quant_top1 - cpu.fake_quant_top1) <= 100.0 * 2 / cpu.eval_images
+    assert gpu.agreement >= 99.0 and next(result.model.parameters()).device.type == 'cpu'

@@ -13,6 +13,9 @@ import argparse
 import os
 import sys
 
+import torch
+
+from mrecg.api import resolve_device
 from mrecg.cli import export_line
 from mrecg.config import load_config
 from mrecg.errors import UserError
@@ -51,7 +54,9 @@ def main(argv=None) -> int:
         enable_quantization(prepared.qmodel)
         with FolderLock(args.folder):  # a run still writing the folder, or another export, is refused
             record = read_json(os.path.join(args.folder, RESULTS), 'the results')
-            report = export_folder(args.folder, cfg, prepared.qmodel, train, val, record)
+            # the fake-quant reference runs where the run ran, or on the CPU of a machine without a GPU
+            device = str(resolve_device(cfg.process.device)) if torch.cuda.is_available() else 'cpu'
+            report = export_folder(args.folder, cfg, prepared.qmodel, train, val, record, device)
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
