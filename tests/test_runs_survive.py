@@ -190,13 +190,19 @@ def change_weights(ckpt):
     torch.save(sd, ckpt)
 
 
-@pytest.mark.parametrize('change', ['weights', 'images'])
-def test_resume_is_refused_when_the_weights_or_the_images_changed(change, tmp_path, capsys, monkeypatch):
+def interrupted_factory_run(tmp_path, capsys, monkeypatch, units: int):
+    """A data-factory run Ctrl-C'd after ``units`` reconstructed units: (its checkpoint file, its folder)."""
     cfg, ckpt = factory_config(tmp_path)
     out = str(tmp_path / 'run')
-    interrupt_after(monkeypatch, 'reconstruction', 2)
+    interrupt_after(monkeypatch, 'reconstruction', units)
     assert cli(['--config', cfg, '--output', out, '--no-progress'], capsys)[0] == 130
     monkeypatch.undo()
+    return ckpt, out
+
+
+@pytest.mark.parametrize('change', ['weights', 'images'])
+def test_resume_is_refused_when_the_weights_or_the_images_changed(change, tmp_path, capsys, monkeypatch):
+    ckpt, out = interrupted_factory_run(tmp_path, capsys, monkeypatch, 2)
     change_weights(ckpt) if change == 'weights' else change_images(tmp_path)
     code, _, err = cli(['--resume', out, '--no-progress'], capsys)
     what = 'float weights' if change == 'weights' else 'calibration images'
@@ -210,11 +216,7 @@ class NotATensor:
 @pytest.mark.parametrize('damage', ['cut', 'missing key', 'code'])
 def test_a_damaged_saved_state_is_refused_in_one_line(damage, tmp_path, capsys, monkeypatch):
     """checkpoint.pt cut short, missing a field (same format and config), or a pickle that would run code."""
-    cfg, _ = factory_config(tmp_path)
-    out = str(tmp_path / 'run')
-    interrupt_after(monkeypatch, 'reconstruction', 1)
-    assert cli(['--config', cfg, '--output', out, '--no-progress'], capsys)[0] == 130
-    monkeypatch.undo()
+    _, out = interrupted_factory_run(tmp_path, capsys, monkeypatch, 1)
     path = os.path.join(out, 'checkpoint.pt')
     if damage == 'cut':
         data = open(path, 'rb').read()
