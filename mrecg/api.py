@@ -28,7 +28,9 @@ from mrecg.config import Config, as_config
 from mrecg.data import CalibData, EvalData, calibration_images, eval_batches, reading
 from mrecg.distributed import Dist, check_divisible, current
 from mrecg.errors import NotResumable, UserError
-from mrecg.evaluation import Accuracy, check_logits, evaluate
+from mrecg.evaluation import Accuracy, check_logits
+from mrecg.metrics import evaluate_task, headline
+from mrecg.parts import capture_inputs, check_traceable, find_part, put_part
 from mrecg.group_policy import GroupingInfo, choose_groups, validate_grouping
 from mrecg.preparation import Prepared, prepare
 from mrecg.quantization import (calibrate, disable_all, enable_quantization, is_adaround_layer, layer_bit_table,
@@ -89,8 +91,10 @@ class RunState:
 @dataclass
 class QuantizationResult:
     """What ``quantize`` returns. ``units`` are the reconstruction units (MRECG groups count once);
-    ``unit_losses`` has one entry per base unit (also inside merged groups), in ``unit_names`` order."""
-    model: fx.GraphModule
+    ``unit_losses`` has one entry per base unit (also inside merged groups), in ``unit_names`` order. With
+    ``model.quantize_part`` (``part``), ``model`` is the whole network holding the quantized part (a GraphModule)
+    at that path, and the units, sizes and losses are the part's."""
+    model: nn.Module
     method: str
     unit_names: List[str]
     unit_losses: List[Optional[float]]
@@ -110,12 +114,13 @@ class QuantizationResult:
     bit_search: Optional[Dict[str, Any]] = None  # the allocation a bit search chose (BitAllocation.to_dict)
     size: Dict[str, float] = field(default_factory=dict)  # size_mb, mean_w_bits, bops_g of the quantized model
     engine: Dict[str, Any] = field(default_factory=dict)  # the device policy's choices (kernels, caches, TF32)
+    part: Optional[str] = None  # model.quantize_part: the quantized sub-module's path
+    metric: str = 'top1'  # eval.metric (the score's name, also when there was no evaluation)
 
     def __str__(self) -> str:
-        acc = self.accuracy.top1 if self.accuracy else None
-        fp = self.fp_accuracy.top1 if self.fp_accuracy else None
-        top1 = 'n/a' if acc is None else f'{acc:.2f}'
-        return (f'{self.method}: float top-1 {"n/a" if fp is None else f"{fp:.2f}"}, quantized top-1 {top1}, '
+        score = lambda acc: headline(acc, self.metric)  # noqa: E731
+        return (f'{self.method}{f" ({self.part})" if self.part else ""}: float {score(self.fp_accuracy)}, '
+                f'quantized {score(self.accuracy)}, '
                 f'{len(self.unit_names)} units -> {len(self.units)} reconstruction units, '
                 f'{self.timings.total_seconds:.0f} s')
 
@@ -182,7 +187,7 @@ def _evaluate(model: nn.Module, eval_data: Optional[EvalData], run: '_Session', 
     batches = eval_batches(eval_data, d.batch_size, d.eval_limit, d.num_workers, d.pin_memory and device.type == 'cuda',
                            part=(run.dist.rank, run.dist.world), seed=d.split_seed)
     with reading('evaluation data'):
-        return evaluate(model, batches, device, desc, run.progress, run.dist)
+        return evaluate_task(run.cfg.eval, model, batches, eval_data, device, desc, run.progress, run.dist)
 
 
 def _calibrate(prepared: Prepared, images: torch.Tensor, cfg: Config, device: torch.device,
@@ -283,8 +288,9 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
     """Quantize a copy of ``model`` (float; the caller's model, its mode and device are left as they are) with
     calibration images from ``calib_data`` (a tensor N x C x H x W, a Dataset of images or (image, label), or
     a DataLoader) as ``config`` says (a ``mrecg.Config``, a mapping like the YAML, or a YAML path). With
-    ``eval_data`` (a labelled Dataset, a DataLoader or (images, labels)) the float and quantized top-1/top-5
-    are measured.
+    ``eval_data`` (a labelled Dataset, a DataLoader or (images, labels)) the float and quantized networks are
+    scored by ``eval.metric`` (top-1/top-5; mIoU against label maps; a user function). With
+    ``model.quantize_part`` only that sub-module is quantized, on the inputs it receives inside the network.
 
     ``cache_dir`` keeps calibration ranges (``process.cache_calibration``) and the loss metric's probe there,
     keyed by the content of the weights and images; ``on_unit_done`` receives the state (CPU copies) after
@@ -299,12 +305,16 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
     model = copy.deepcopy(model).eval()
     images = run.timed('calibration_data_seconds', lambda: calibration_images(
         calib_data, cfg.quantize.cali_size, cfg.process.seed, cfg.data.batch_size, cfg.data.num_workers))
-    check_logits(model, images[:1], cfg.model.type or type(model).__name__)
+    whole = model
+    if cfg.model.quantize_part:
+        model, images = _part_and_inputs(run, whole, images)
+    elif cfg.eval.metric == 'top1':
+        check_logits(model, images[:1], cfg.model.type or type(model).__name__)
     prints = Fingerprints(model_digest(model), images_id(images), eval_fingerprint(eval_data))
     check_resume(resume, prints)
     allocation = _bit_allocation(run, model, images)
     cfg = run.cfg
-    fp_acc = _float_accuracy(run, model, eval_data, prints)
+    fp_acc = _float_accuracy(run, whole, eval_data, prints)
     cache = RunCache(cache_dir, cfg, prints.weights, prints.images, cfg.model.type or type(model).__name__,
                      run.dist.world, environment(run.device)) if cache_dir else None
     prepared, fp_model = _calibrated(run, model, images, cache)
@@ -319,18 +329,42 @@ def quantize(model: nn.Module, calib_data: CalibData, config: Any = None, eval_d
         log.warning('grouping: %s', note)
     recon, results = _reconstruct(run, prepared, fp_model, info, shard, reporter)
     enable_quantization(prepared.qmodel)
-    q_acc = run.timed('quant_eval_seconds', lambda: _evaluate(prepared.qmodel, eval_data, run, 'eval quantized'))
+    quantized = put_part(whole, cfg.model.quantize_part, prepared.qmodel).to(run.device) \
+        if cfg.model.quantize_part else prepared.qmodel
+    q_acc = run.timed('quant_eval_seconds', lambda: _evaluate(quantized, eval_data, run, 'eval quantized'))
     if q_acc is not None:
-        log.info('quantized top-1 %s top-5 %s', q_acc.top1, q_acc.top5)
+        log.info('quantized %s', _scores(q_acc))
     run.timings.total_seconds = run.elapsed()
-    return QuantizationResult(prepared.qmodel, cfg.method, [u.name for u in prepared.units], list(recon.unit_losses),
+    return QuantizationResult(quantized, cfg.method, [u.name for u in prepared.units], list(recon.unit_losses),
                               results, info, fp_acc, q_acc, layer_bit_table(prepared.qmodel), run.timings,
                               recon.peak_cache_bytes, prepared.bn_folded, str(run.device), _warnings(results, q_acc),
                               resumed=resume is not None, world_size=run.dist.world,
                               peak_cache_bytes_per_rank=run.dist.gather(recon.peak_cache_bytes),
                               bit_search=allocation.to_dict() if allocation else None,
                               size=model_figures(prepared.qmodel, sample),
-                              engine={**recon.policy.describe(), 'step_batch': recon.step_batch})
+                              engine={**recon.policy.describe(), 'step_batch': recon.step_batch},
+                              part=cfg.model.quantize_part, metric=cfg.eval.metric)
+
+
+def _part_and_inputs(run: '_Session', whole: nn.Module, images: torch.Tensor) -> Tuple[nn.Module, torch.Tensor]:
+    """``model.quantize_part``: the sub-module, and its input for every calibration image (the whole network's
+    forward, so its own pre-processing applies)."""
+    path = run.cfg.model.quantize_part
+    check_traceable(whole, path)
+    part = find_part(whole, path)
+    inputs = capture_inputs(whole, path, images, run.cfg.data.batch_size, run.device)
+    share = sum(p.numel() for p in part.parameters()) / max(1, sum(p.numel() for p in whole.parameters()))
+    log.info('quantize_part %s: %s (%.0f %% of the parameters); its inputs %s', path, type(part).__name__,
+             100 * share, ' x '.join(map(str, inputs.shape)))
+    return part, inputs
+
+
+def _scores(acc: Accuracy) -> str:
+    """The log's line of figures: top-1 and top-5, or every figure of the task's metric."""
+    if acc.metric == 'top1':
+        return f'top-1 {acc.top1} top-5 {acc.top5} on {acc.images} images'
+    return ', '.join(f'{k} {v:.4g}' for k, v in acc.scores.items()) + f' on {acc.images} images' \
+        if acc.score is not None else f'{acc.metric} n/a (non-finite outputs in {acc.nonfinite_batches} batches)'
 
 
 def _bit_allocation(run: '_Session', model: nn.Module, images: torch.Tensor):
@@ -363,7 +397,7 @@ def _float_accuracy(run: '_Session', model: nn.Module, eval_data: Optional[EvalD
         log.warning('the evaluation data changed since this run started: the float model is evaluated again')
     fp_acc = run.timed('fp_eval_seconds', lambda: _evaluate(model.to(run.device), eval_data, run, 'eval float'))
     if fp_acc is not None:
-        log.info('float top-1 %s top-5 %s on %d images', fp_acc.top1, fp_acc.top5, fp_acc.images)
+        log.info('float %s', _scores(fp_acc))
     return fp_acc
 
 
@@ -427,7 +461,8 @@ def _reconstruct(run: _Session, prepared: Prepared, fp_model: fx.GraphModule, in
 
 def _warnings(results: List[GroupResult], q_acc: Optional[Accuracy]) -> List[str]:
     warnings = [w for r in results for w in r.warnings]
-    if q_acc is not None and q_acc.top1 is None:
-        warnings.append(f'the quantized model produced non-finite logits in {q_acc.nonfinite_batches} '
+    if q_acc is not None and q_acc.score is None:
+        what = 'logits' if q_acc.metric == 'top1' else 'outputs'
+        warnings.append(f'the quantized model produced non-finite {what} in {q_acc.nonfinite_batches} '
                         'batches: no accuracy is reported')
     return warnings

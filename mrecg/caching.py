@@ -73,8 +73,12 @@ def eval_fingerprint(data: Any) -> Optional[str]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return tensor_digest([('images', data[0]), ('labels', data[1])])
     if isinstance(data, TensorData):
-        tensors = [('images', data.images)] + ([('labels', data.labels)] if data.labels is not None else [])
-        return tensor_digest(tensors)
+        labels = data.labels
+        if isinstance(labels, list):  # detection targets: one dict of tensors per image
+            labels = [(f'{i}.{k}', v) for i, t in enumerate(labels) for k, v in sorted(t.items())]
+        else:
+            labels = [('labels', labels)] if labels is not None else []
+        return tensor_digest([('images', data.images)] + labels)
     if isinstance(data, Subset):
         return digest({'subset': eval_fingerprint(data.dataset), 'indices': [int(i) for i in data.indices]})
     if isinstance(getattr(data, 'samples', None), list):

@@ -193,8 +193,11 @@ def summary_line(r, output: str) -> str:
     def num(x, spec='.2f'):
         return 'n/a' if x is None else format(x, spec)
     w = f'{r["bit_search"]["avg_w_bits"]:.2f}(mixed)' if r.get('bit_search') else r['w_bits']
-    return (f'{r["method"]} {r["model"]} W{w}A{r["a_bits"]}: float top-1 {num(r["fp_top1"])}, '
-            f'quantized top-1 {num(r["quant_top1"])}, max unit loss {num(r["loss_curve"]["max_unit_loss"], ".4g")}, '
+    metric = r.get('metric', 'top1')
+    name = 'top-1' if metric == 'top1' else metric
+    part = f' ({r["quantize_part"]})' if r.get('quantize_part') else ''
+    return (f'{r["method"]} {r["model"]}{part} W{w}A{r["a_bits"]}: float {name} {num(r.get("fp_score", r["fp_top1"]))}, '
+            f'quantized {name} {num(r.get("quant_score", r["quant_top1"]))}, max unit loss {num(r["loss_curve"]["max_unit_loss"], ".4g")}, '
             f'{r["timing"]["total_seconds"]:.0f} s -> {output}')
 
 

@@ -20,7 +20,8 @@ from mrecg.errors import ConfigError
 from mrecg.yamlfile import YamlLimit, dump_yaml, parse_yaml, read_yaml  # noqa: F401 - parse_yaml re-exported
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILTIN_DATA = ('imagenet', 'imagefolder', 'digits', 'fashion_mnist')
+BUILTIN_DATA = ('imagenet', 'imagefolder', 'digits', 'fashion_mnist', 'fashion_segmentation', 'voc',
+                'fashion_detection', 'coco')
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -68,6 +69,23 @@ def data_source(v):
         return None
     return (f'must be one of {", ".join(BUILTIN_DATA)} or a factory as package.module:make or '
             'path/to/file.py:make')
+
+
+def module_path(v):
+    """a dotted module path"""
+    ok = all(p.isidentifier() or p.isdigit() for p in v.split('.'))
+    return None if ok else 'must be a dotted module path like backbone or backbone.body'
+
+
+METRICS = ('top1', 'miou', 'map')
+
+
+def metric_name(v):
+    """top1, miou, map or a user function"""
+    from mrecg.imports import is_import_path
+    if v in METRICS or is_import_path(v):
+        return None
+    return 'must be top1, miou, map or a function path/to/file.py:fn (fn(model, data, device) -> dict)'
 
 
 def three_numbers(v):
@@ -238,11 +256,14 @@ class ModelConfig(Section):
     kwargs: Dict[str, Any] = key({}, doc='arguments of the model builder')
     path: Optional[str] = key(None, doc='float checkpoint, loaded by parameter name (weights_only)')
     units: Optional[List[List[str]]] = key(None, non_empty_groups, 'explicit base units (lists of module names)')
+    quantize_part: Optional[str] = key(None, module_path, 'quantize only this sub-module (e.g. backbone); the rest '
+                                                          'stays float, evaluation runs the whole network')
 
 
 @dataclass
 class DataConfig(Section):
-    type: str = key('imagenet', data_source, 'imagenet, imagefolder, digits, fashion_mnist or a factory')
+    type: str = key('imagenet', data_source, 'imagenet, imagefolder, digits, fashion_mnist, fashion_segmentation, '
+                                             'voc, fashion_detection, coco or a factory')
     path: Optional[str] = key(None, doc='dataset folder (train/ and val/ for imagenet and imagefolder)')
     kwargs: Dict[str, Any] = key({}, doc='arguments of a data factory: make(split, **kwargs)')
     batch_size: int = key(256, positive, 'batch of calibration and evaluation passes')
@@ -516,6 +537,16 @@ def percent(v):
 
 
 @dataclass
+class EvalConfig(Section):
+    """How the evaluation data is scored: the task's metric."""
+    metric: str = key('top1', metric_name, 'top1 (classifier), miou (segmentation: mean IoU over the classes), '
+                                           'map (detection: COCO mAP@[.5:.95], pycocotools), or '
+                                           'path/to/file.py:fn called as fn(model, data, device) -> dict '
+                                           '(its first entry is the score)')
+    ignore_index: int = key(255, doc='miou: label-map value of pixels left out of the score (VOC: 255)')
+
+
+@dataclass
 class ExportConfig(Section):
     """The check of ``--export onnx``: onnxruntime and the fake-quant model sum convolutions in different orders,
     so single images may flip; a real mismatch moves many."""
@@ -533,6 +564,7 @@ class Config(Section):
     quantize: QuantizeConfig = key(None, doc='quantizers, bits and reconstruction')
     mrecg: MrecgConfig = key(None, doc="MRECG's grouping of adjacent units")
     process: ProcessConfig = key(None, doc='seed, device, caches')
+    eval: EvalConfig = key(None, doc="the task's metric")
     export: ExportConfig = key(None, doc='the check of --export onnx')
 
     def __post_init__(self):

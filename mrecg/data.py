@@ -9,6 +9,10 @@ Sources (``data.type``), each giving map-style datasets of ``(image tensor, labe
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits, a fixed seeded 1297/500 train/test split.
 - ``fashion_mnist``: Zalando's 60k/10k 28x28 images, read from the four idx files of Debian's
   ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``) or from ``data.path``.
+- ``fashion_segmentation``: those items composed onto 64x64 canvases, with exact label maps (``mrecg.canvases``).
+- ``voc``: a PASCAL VOC-style segmentation folder (``mrecg.segdata``): images, PNG label maps, 255 = ignore.
+- ``fashion_detection`` (the canvases with their boxes) and ``coco`` (COCO-format JSON + images), items
+  (image, target dict) for detectors (``mrecg.detection``).
 - a factory ``package.module:make`` or ``path/to/file.py:make``, called as ``make(split, **data.kwargs)``
   with split ``train`` (calibration) or ``val`` (evaluation; ``None`` = no evaluation).
 
@@ -85,8 +89,13 @@ def _read_idx(path: str) -> np.ndarray:
         raise UserError(f'cannot read {path}: {first_line(exc)} (a truncated or foreign file?)') from None
 
 
+def idx_array(folder: str, stem: str) -> np.ndarray:
+    """One Fashion-MNIST idx file of ``folder`` as an array."""
+    return _read_idx(_idx_file(folder, stem))
+
+
 def fashion_mnist(split: str, folder: Optional[str]) -> TensorData:
-    images, labels = (_read_idx(_idx_file(folder or FASHION_MNIST_DIR, f)) for f in FASHION_FILES[split])
+    images, labels = (idx_array(folder or FASHION_MNIST_DIR, f) for f in FASHION_FILES[split])
     x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
     return TensorData((x - 0.2860) / 0.3530, torch.from_numpy(labels.astype(np.int64)))
 
@@ -136,7 +145,32 @@ def dataset(cfg: DataConfig, split: str) -> Optional[Dataset]:
         return fashion_mnist(split, cfg.path)
     if cfg.type in FOLDER_TYPES:
         return image_folder(cfg, split, split == 'train' and cfg.cali_transform == 'train')
+    if cfg.type == 'fashion_segmentation':
+        return fashion_segmentation(split, cfg)
+    if cfg.type == 'voc':
+        from mrecg.segdata import voc_segmentation
+        return voc_segmentation(cfg, split)
+    if cfg.type == 'fashion_detection':
+        from mrecg.detection import fashion_detection
+        return fashion_detection(split, cfg)
+    if cfg.type == 'coco':
+        from mrecg.detection import coco_detection
+        return coco_detection(cfg, split)
     return from_factory(cfg, split)
+
+
+CANVAS_KWARGS = ('count', 'size', 'channels')
+
+
+def fashion_segmentation(split: str, cfg: DataConfig) -> TensorData:
+    """Fashion-MNIST items composed onto canvases, with their label maps (``mrecg.canvases``); data.kwargs may
+    set count, size (64) and channels (1; 3 for torchvision's networks)."""
+    from mrecg.canvases import fashion_canvases
+    unknown = sorted(set(cfg.kwargs) - set(CANVAS_KWARGS))
+    if unknown:
+        raise UserError(f'data.kwargs: fashion_segmentation takes {", ".join(CANVAS_KWARGS)}, not {unknown[0]!r}')
+    c = fashion_canvases(split, cfg.path, **cfg.kwargs)
+    return TensorData(c.images, c.masks)
 
 
 def data_summary(train: Any, val: Any) -> str:
@@ -160,7 +194,13 @@ def check_data(cfg: DataConfig) -> None:
             if not os.path.isdir(folder):
                 name = 'ImageNet' if cfg.type == 'imagenet' else 'image'
                 raise UserError(f'{name} folder not found: {folder} (data.path must hold train/ and val/)')
-    elif cfg.type == 'fashion_mnist':
+    elif cfg.type == 'voc':
+        from mrecg.segdata import check_voc
+        check_voc(cfg)
+    elif cfg.type == 'coco':
+        from mrecg.detection import check_coco
+        check_coco(cfg)
+    elif cfg.type in ('fashion_mnist', 'fashion_segmentation', 'fashion_detection'):
         for stems in FASHION_FILES.values():
             for stem in stems:
                 _idx_file(cfg.path or FASHION_MNIST_DIR, stem)
@@ -221,7 +261,8 @@ def calibration_images(data: CalibData, size: int, seed: int, batch_size: int = 
     if isinstance(data, TensorData):
         return data.images[index].clone()
     loader = DataLoader(torch.utils.data.Subset(data, index.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, generator=gen, worker_init_fn=_seed_worker)
+                        num_workers=num_workers, generator=gen, worker_init_fn=_seed_worker,
+                        collate_fn=getattr(data, 'collate_fn', None))
     with torch.random.fork_rng(devices=[]), reading('calibration data'):
         torch.manual_seed(seed)  # random crops in this process (num_workers = 0) follow the seed too
         return torch.cat([_images_of(batch) for batch in loader])
@@ -287,15 +328,17 @@ def eval_batches(data: EvalData, batch_size: int = 256, limit: Optional[int] = N
             raise UserError('evaluation data needs labels: pass (images, labels)')
         if limit and limit < len(x):
             idx = eval_sample(len(x), limit, seed)
-            x, y = x[idx], y[idx]
+            x, y = x[idx], ([y[i] for i in idx.tolist()] if isinstance(y, list) else y[idx])
         return TensorBatches(x[rank::world], y[rank::world], batch_size)
     if not (hasattr(data, '__getitem__') and hasattr(data, '__len__')):
         raise UserError(f'evaluation data must be a Dataset, a DataLoader or (images, labels), '
                         f'got {type(data).__name__}')
+    collate = getattr(data, 'collate_fn', None)  # detection data: targets stay a list
     if limit or world > 1:
         idx = eval_sample(len(data), limit, seed)
         data = torch.utils.data.Subset(data, idx[rank::world].tolist())
-    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate)
 
 
 class TensorBatches:

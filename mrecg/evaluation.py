@@ -1,6 +1,7 @@
-"""Top-1 / top-5 accuracy. A model that emits NaN/Inf logits gets no accuracy (None), never a number."""
-from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+"""Top-1 / top-5 accuracy, and the record every task metric fills (``Accuracy``). A model that emits NaN/Inf
+outputs gets no score (None), never a number."""
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,10 +12,19 @@ from mrecg.distributed import Dist
 
 @dataclass(frozen=True)
 class Accuracy:
+    """A model's score on the evaluation data. ``metric`` names the headline figure (``score``): ``top1`` for a
+    classifier, ``miou`` for a segmentation network, a user function's first key; ``scores`` holds every figure
+    a non-top-1 metric gives (top1/top5 are then None)."""
     top1: Optional[float]
     top5: Optional[float]
     images: int
     nonfinite_batches: int = 0
+    metric: str = 'top1'
+    scores: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def score(self) -> Optional[float]:
+        return self.top1 if self.metric == 'top1' else self.scores.get(self.metric)
 
 
 @torch.no_grad()
@@ -25,7 +35,12 @@ def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tenso
     model.eval()
     correct1 = correct5 = total = bad = 0
     for x, y in tqdm(batches, desc=desc, leave=False, disable=not (progress and dist.main)):
-        logits = model(x.to(device, non_blocking=True)).float()
+        logits = model(x.to(device, non_blocking=True))
+        if not isinstance(logits, torch.Tensor):
+            from mrecg.errors import UserError
+            raise UserError(f'eval.metric top1 needs class scores but the network returns a {type(logits).__name__}: '
+                            'set eval.metric to miou (segmentation), map (detection) or your function')
+        logits = logits.float()
         y = y.to(logits.device)
         if not torch.isfinite(logits).all():
             bad += 1

@@ -212,18 +212,36 @@ def check_run(cfg: Config, export: bool = False) -> Tuple[nn.Module, Any, Option
     ``export`` whether the exporter can write the quantized graph (built from the uncalibrated model)."""
     model = build_float_model(cfg)
     train, val = open_data(cfg)
-    check_logits(model, sample_input(train), cfg.model.type)
-    prepared = prepare(model, cfg)
+    target, sample = quantized_target(cfg, model, sample_input(train), export)
+    prepared = prepare(target, cfg)
     validate_grouping(cfg, prepared)
     if cfg.process.cache_calibration or cfg.mrecg.metric == 'loss':  # a cache written after hours must not fail
         check_writable(cfg.process.cache_dir, 'process.cache_dir')
     if cfg.quantize.bit_search:
         from mrecg.bitsearch import check_budget
-        check_budget(model, cfg, sample_input(train))
+        check_budget(target, cfg, sample)
     if export:
         from mrecg.export import check_exportable
-        check_exportable(prepared.qmodel, sample_input(train))
+        check_exportable(prepared.qmodel, sample)
     return model, train, val
+
+
+def quantized_target(cfg: Config, model: nn.Module, sample: Optional[torch.Tensor],
+                     export: bool = False) -> Tuple[nn.Module, Optional[torch.Tensor]]:
+    """What the run quantizes and one input of it: the model and an image, or (``model.quantize_part``) the
+    part and what it receives for that image. A classifier must return one tensor of class scores."""
+    from mrecg.parts import capture_inputs, check_traceable, find_part
+    path = cfg.model.quantize_part
+    if not path:
+        if cfg.eval.metric == 'top1':
+            check_logits(model, sample, cfg.model.type)
+        return model, sample
+    check_traceable(model, path)
+    if export:
+        raise UserError('--export onnx of a network with a quantized part (model.quantize_part) is not built yet: '
+                        'run without --export')
+    part_sample = capture_inputs(model, path, sample, 1, torch.device('cpu')) if sample is not None else None
+    return find_part(model, path), part_sample
 
 
 def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, resume: bool = False,
@@ -326,6 +344,9 @@ def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
         'w_bits': q.w_qconfig.bit, 'a_bits': q.a_qconfig.bit, 'seed': cfg.process.seed,
         'fp_top1': finite_or_none(fp.top1), 'fp_top5': finite_or_none(fp.top5),
         'quant_top1': finite_or_none(acc.top1), 'quant_top5': finite_or_none(acc.top5), 'eval_images': acc.images,
+        'metric': cfg.eval.metric if cfg.eval.metric in ('top1', 'miou') else acc.metric,
+        'fp_score': finite_or_none(fp.score), 'quant_score': finite_or_none(acc.score),
+        'quantize_part': cfg.model.quantize_part,
         'units': [{**asdict(u), 'loss': finite_or_none(u.loss), 'train_loss': finite_or_none(u.train_loss)}
                   for u in r.units],
         'unit_losses': unit_loss_table(r.unit_names, r.unit_losses, extra),
@@ -355,6 +376,9 @@ def results_record(cfg: Config, r: QuantizationResult) -> Dict[str, Any]:
     record['engine'] = r.engine
     if r.bit_search:
         record['bit_search'] = r.bit_search
+    if acc.scores or fp.scores:
+        record['scores'] = {'float': {k: finite_or_none(v) for k, v in fp.scores.items()},
+                            'quantized': {k: finite_or_none(v) for k, v in acc.scores.items()}}
     return record
 
 
@@ -363,6 +387,7 @@ def csv_row(record: Dict[str, Any]) -> Dict[str, Any]:
     return {'method': record['method'], 'model': record['model'], 'dataset': record['dataset'],
             'w_bits': record['w_bits'], 'a_bits': record['a_bits'], 'seed': record['seed'],
             'fp_top1': record['fp_top1'], 'quant_top1': record['quant_top1'], 'quant_top5': record['quant_top5'],
+            'metric': record['metric'], 'fp_score': record['fp_score'], 'quant_score': record['quant_score'],
             'max_unit_loss': curve['max_unit_loss'], 'oscillation': curve['oscillation'],
             'k': record['grouping']['k'], 'groups': ' | '.join('+'.join(g) for g in record['grouping']['groups']),
             'seconds': round(record['timing']['total_seconds'], 1)}

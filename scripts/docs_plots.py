@@ -83,6 +83,30 @@ def draw_grouping(plt, data):
     return fig
 
 
+def draw_dense(plt, data):
+    """Metric bars per bit setting, one per method, with the seeds' std; the float network's as a line."""
+    settings, series = data['settings'], data['series']
+    fig, ax = plt.subplots(figsize=(8.0, 3.8))
+    width = 0.8 / len(series)
+    lows = [data['float']]
+    palette = ['#bcbd22', '#7f7f7f', '#1f77b4', '#d62728', '#9467bd', '#8c564b']
+    for i, name in enumerate(series):
+        cells = [data['cells'].get(f'{s}|{name}') for s in settings]
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(settings))]
+        means, stds = [c[0] if c else 0 for c in cells], [c[1] if c else 0 for c in cells]
+        lows += [m - s for m, s in zip(means, stds) if m]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=name, color=palette[i % len(palette)])
+    ax.axhline(data['float'], color='black', linestyle='--', linewidth=1, label=f'float ({data["float"]:.2f})')
+    ax.set_xticks(range(len(settings)), [f'W{s.split("/")[0]}A{s.split("/")[1]}' for s in settings])
+    ax.set_ylim(max(0, min(lows) - 3), data['float'] + 2)
+    ax.set_ylabel(f'{data["metric"]} % (val canvases)\nmean ± std over seeds')
+    ax.set_title(data['title'], fontsize=10)
+    ax.grid(axis='y', alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(series) + 1, loc='upper center', bbox_to_anchor=(0.5, -0.12), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def draw_speed(plt, data):
     """ms per iteration per unit, MQBench beside ours, per model and images per step, one panel per device; the
     ratio MQBench / ours over each pair (above 1: ours is faster)."""

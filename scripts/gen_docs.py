@@ -120,7 +120,8 @@ def block_pivot(file: str, rows_by: str, cols_by: str, where: str = '', kind: st
     order = list(dict.fromkeys(tuple(r[k] for k in keys) for r in rows))
     table = {(tuple(r[k] for k in keys), r[cols_by]): r for r in rows}
     render = (lambda r: r[value]) if value else {
-        'top1': mean_std, 'loss': lambda r: mean_std(r, 'max_unit_loss_mean', 'max_unit_loss_std')}[kind]
+        'top1': mean_std, 'loss': lambda r: mean_std(r, 'max_unit_loss_mean', 'max_unit_loss_std', delta=''),
+        'miou': lambda r: mean_std(r, 'miou_mean', 'miou_std'), 'map': lambda r: mean_std(r, 'map_mean', 'map_std')}[kind]
     body = [[*key, *(render(table[(key, c)]) if (key, c) in table else '-' for c in columns)] for key in order]
     labels = [{'w_a': 'W/A'}.get(k, k.replace('_', ' ')) for k in keys]
     return markdown_table(labels + columns, body) + '\n\n' + provenance(file, rows)
@@ -274,6 +275,26 @@ def block_speed_plot(page: str) -> str:
             '(commands and commits there and in the tables below); lower is faster.</small>')
 
 
+DENSE_METRICS = {'miou': ('mIoU', 'mean IoU'), 'map': ('mAP', 'COCO mAP@[.5:.95]')}
+
+
+def block_dense_plot(page: str, file: str, metric: str) -> str:
+    """A dense-prediction benchmark: the metric per bit setting and method (mean ± std over seeds), the float
+    network's as a line."""
+    rows = rows_of(file)
+    short, long = DENSE_METRICS[metric]
+    fp = next(float(r[f'{metric}_mean']) for r in rows if r['method'] == 'Full Prec.')
+    quant = [r for r in rows if r['method'] != 'Full Prec.']
+    data = {'float': fp, 'settings': list(dict.fromkeys(r['w_a'] for r in quant)), 'metric': short,
+            'series': list(dict.fromkeys(r['method'] for r in quant)),
+            'cells': {f'{r["w_a"]}|{r["method"]}': [float(r[f'{metric}_mean']), float(r[f'{metric}_std'] or 0)]
+                      for r in quant},
+            'title': f'{rows[0]["model"]} backbone quantized, composed Fashion-MNIST canvases'}
+    image = docs_plots.register(file, data, docs_plots.draw_dense, page,
+                                f'{long} per bit setting for every method, the float network as a line')
+    return image + '\n\n' + provenance(file, rows[:1])
+
+
 PAPER_ITERATIONS = 20000  # per unit, the published setting
 
 
@@ -390,7 +411,8 @@ PAGES = {'docs/reference/config.md': config_page, 'docs/reference/cli.md': cli_p
 BLOCKS = {'table': block_table, 'pivot': block_pivot, 'demo': block_demo, 'failures': block_failures,
           'bits': block_bits, 'at_a_glance': block_at_a_glance, 'groups': block_groups, 'ci': block_ci,
           'bits_summary': block_bits_summary, 'bits_targets': block_bits_targets,
-          'grouping_plot': block_grouping_plot, 'speed_plot': block_speed_plot, 'paper_run': block_paper_run}
+          'grouping_plot': block_grouping_plot, 'speed_plot': block_speed_plot, 'paper_run': block_paper_run,
+          'dense_plot': block_dense_plot}
 
 
 def block_arguments(text: str) -> Dict[str, str]:

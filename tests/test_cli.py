@@ -271,13 +271,13 @@ def test_sigint_leaves_a_resumable_folder(uninterrupted, tmp_path):
 
 
 def test_nan_accuracy_is_never_written(write_config, tmp_path, capsys, monkeypatch):
-    from mrecg import api
+    from mrecg import metrics
     from mrecg.evaluation import Accuracy
-    real = api.evaluate
+    real = metrics.evaluate
 
     def quantized_eval_goes_nan(model, batches, device, desc='eval', *args):
         return Accuracy(None, None, 200, 4) if 'quantized' in desc else real(model, batches, device, desc, *args)
-    monkeypatch.setattr(api, 'evaluate', quantized_eval_goes_nan)
+    monkeypatch.setattr(metrics, 'evaluate', quantized_eval_goes_nan)
     out = tmp_path / 'nan'
     assert cli(['--config', write_config(), '--output', str(out), '--no-progress'], capsys)[0] == 0
     text = (out / 'results.json').read_text()

@@ -265,14 +265,14 @@ def test_overwrite_keeps_the_previous_results_until_the_new_run_succeeds(tmp_pat
     out = tmp_path / 'run'
     assert cli(['--config', cfg, '--output', str(out), '--no-progress'], capsys)[0] == 0
     finished = (out / 'results.json').read_text()
-    from mrecg import api
-    real = api.evaluate
+    from mrecg import metrics
+    real = metrics.evaluate
 
     def failing(model, batches, device, desc='eval', *args):
         if 'quantized' in desc:
             raise UserError('cannot read evaluation data item 7: OSError: disk read error')
         return real(model, batches, device, desc, *args)
-    monkeypatch.setattr(api, 'evaluate', failing)
+    monkeypatch.setattr(metrics, 'evaluate', failing)
     code, _, err = cli(['--config', cfg, '--output', str(out), '--no-progress', '--overwrite'], capsys)
     assert code == 2 and "the previous run's results are kept in" in err and 'previous_run' in err
     assert (out / 'previous_run' / 'results.json').read_text() == finished

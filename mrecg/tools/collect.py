@@ -24,6 +24,7 @@ import sys
 from collections import Counter, defaultdict
 
 from mrecg.config import PAPER_RULE
+from mrecg.errors import UserError
 from mrecg.files import BadFile, read_json
 from mrecg.helptext import PlainHelp
 
@@ -55,7 +56,8 @@ def find_results(folders):
 def model_label(r):
     kw = r.get('model_kwargs') or {}
     width = f' x{kw["width_mult"]}' if 'width_mult' in kw else ''
-    return f'{r["model"]}{width} ({r["dataset"]})'
+    part = f', {r["quantize_part"]}' if r.get('quantize_part') else ''
+    return f'{r["model"]}{width}{part} ({r["dataset"]})'
 
 
 def settings_label(r):
@@ -103,6 +105,22 @@ def fmt(mean, std, n, digits=2):
     return f'{mean:.{digits}f}' + (f' ± {std:.{digits}f}' if n > 1 else '')
 
 
+def score(r, which='quant'):
+    """A run's headline figure (``quant`` or ``fp``): its metric's score, top-1 for older results."""
+    return r.get(f'{which}_score', r[f'{which}_top1'])
+
+
+def metric_of(cells) -> str:
+    """The one metric the collected runs share; runs scored differently are not put in one table."""
+    found = sorted({r.get('metric', 'top1') for runs in cells.values() for r in runs})
+    if len(found) > 1:
+        raise UserError(f'the results mix the metrics {", ".join(found)}: collect each kind in its own folder')
+    return found[0] if found else 'top1'
+
+
+METRIC_TITLES = {'top1': 'Top-1 accuracy (%)', 'miou': 'Mean IoU (%)'}
+
+
 def collect(folders):
     cells = defaultdict(list)   # (model, bits, method label) -> results
     fp = defaultdict(list)
@@ -111,7 +129,7 @@ def collect(folders):
         model, bits = model_label(r), (r['w_bits'], r['a_bits'])
         label = method_label(r)
         cells[(model, bits, label)].append(r)
-        fp[model].append(r['fp_top1'])
+        fp[model].append(score(r, 'fp'))
         rank[label] = method_rank(r)
     return cells, fp, rank
 
@@ -123,10 +141,12 @@ def baseline_of(label):
 
 def build_tables(cells, fp, rank):
     models = sorted(fp)
+    metric = metric_of(cells)
+    name = 'top1' if metric == 'top1' else metric
     rows_top1, rows_loss, csv_rows = [], [], []
     head = '| Method | W/A | ' + ' | '.join(models) + ' |'
     sep = '|' + '---|' * (len(models) + 2)
-    fp_cells = [fmt(*stats(fp[m])) if len(set(fp[m])) > 1 else f'{fp[m][0]:.2f}' for m in models]  # one model: one value
+    fp_cells = [fmt(*stats(fp[m])) if len(set(fp[m])) > 1 else fmt(fp[m][0], 0, 1) for m in models]  # one model: one value
     rows_top1 += [head, sep, '| Full Prec. | 32/32 | ' + ' | '.join(fp_cells) + ' |']
     rows_loss += [head, sep]
     present_bits = sorted({b for (_, b, _) in cells}, key=lambda b: (BITS_ORDER.index(b) if b in BITS_ORDER else 9, b))
@@ -136,12 +156,12 @@ def build_tables(cells, fp, rank):
             top1_cells, loss_cells = [], []
             for model in models:
                 runs = cells.get((model, bits, label), [])
-                mean, std, n = stats([r['quant_top1'] for r in runs])
+                mean, std, n = stats([score(r) for r in runs])
                 cell = fmt(mean, std, n)
                 base = baseline_of(label)
                 delta = base_std = None
                 if base and mean is not None:
-                    base_mean, base_std, _ = stats([r['quant_top1'] for r in cells.get((model, bits, base), [])])
+                    base_mean, base_std, _ = stats([score(r) for r in cells.get((model, bits, base), [])])
                     if base_mean is not None:
                         delta = mean - base_mean
                         worse = delta < -base_std  # below the plain method by more than its seed std
@@ -152,11 +172,11 @@ def build_tables(cells, fp, rank):
                 omean = stats([r['loss_curve']['oscillation'] for r in runs])[0]
                 if runs:
                     csv_rows.append({'model': model, 'w_bits': bits[0], 'a_bits': bits[1], 'method': label, 'n': n,
-                                     'top1_mean': mean, 'top1_std': std, 'delta_vs_plain': delta,
-                                     'plain_top1_std': base_std,
+                                     f'{name}_mean': mean, f'{name}_std': std, 'delta_vs_plain': delta,
+                                     f'plain_{name}_std': base_std,
                                      'worse_than_plain': None if delta is None else delta < -base_std,
                                      'max_unit_loss_mean': lmean, 'max_unit_loss_std': lstd,
-                                     'oscillation_mean': omean, 'fp_top1': stats(fp[model])[0]})
+                                     'oscillation_mean': omean, f'fp_{name}': stats(fp[model])[0]})
             row = f'| {label} | {bits[0]}/{bits[1]} | '
             rows_top1.append(row + ' | '.join(top1_cells) + ' |')
             rows_loss.append(row + ' | '.join(loss_cells) + ' |')
@@ -223,8 +243,14 @@ def main(argv=None) -> int:
     if not cells:
         print(f'error: no results.json under {", ".join(args.folders)}', file=sys.stderr)
         return 2
-    top1, loss, rows = build_tables(cells, fp, rank)
-    text = ('Top-1 accuracy (%), mean ± std over seeds; MRECG rows: difference to the plain method in brackets\n\n'
+    try:
+        top1, loss, rows = build_tables(cells, fp, rank)
+    except UserError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    metric = metric_of(cells)
+    text = (f'{METRIC_TITLES.get(metric, metric)}, mean ± std over seeds; MRECG rows: difference to the plain '
+            'method in brackets\n\n'
             + '\n'.join(top1) + '\n\nMax per-unit reconstruction loss, mean ± std over seeds\n\n' + '\n'.join(loss)
             + '\n')
     prefix = args.out or os.path.join(args.folders[0], 'table')

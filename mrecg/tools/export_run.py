@@ -42,6 +42,8 @@ def main(argv=None) -> int:
             if not os.path.isfile(os.path.join(args.folder, name)):
                 raise UserError(f'{args.folder} has no {name}: export needs a finished ptq_main.py run')
         cfg = load_config(os.path.join(args.folder, CONFIG))
+        if cfg.model.quantize_part:
+            raise UserError('export of a network with a quantized part (model.quantize_part) is not built yet')
         model = build_float_model(cfg)
         train, val = open_data(cfg)
         prepared = prepare(model, cfg)

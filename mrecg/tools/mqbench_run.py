@@ -19,10 +19,12 @@ from mrecg.baselines import mqbench_reconstruct
 from mrecg.bitsearch import model_figures
 from mrecg.config import dump_config, load_config
 from mrecg.data import calibration_images, eval_batches
+from mrecg.distributed import Dist
 from mrecg.errors import UserError
 from mrecg.helptext import PlainHelp
 from mrecg.locking import FolderLock
-from mrecg.evaluation import evaluate
+from mrecg.metrics import evaluate_task, headline
+from mrecg.parts import capture_inputs, find_part, put_part
 from mrecg.planning import GroupingInfo, prepare
 from mrecg.quantization import calibrate, disable_all, enable_quantization, layer_bit_table
 from mrecg.reconstruction import Reconstructor
@@ -72,10 +74,16 @@ def baseline_run(cfg, model, train, val, output: str, device, progress: bool) ->
     t0 = time.perf_counter()
     seed = cfg.process.seed
     images = calibration_images(train, cfg.quantize.cali_size, seed, cfg.data.batch_size, cfg.data.num_workers)
-    batches = lambda: eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit,  # noqa: E731
-                                   seed=cfg.data.split_seed)
-    fp_acc = evaluate(model.to(device), batches(), device, 'eval float', progress)
-    prepared = prepare(model.cpu(), cfg)
+    score = lambda net, desc: None if val is None else evaluate_task(  # noqa: E731
+        cfg.eval, net, eval_batches(val, cfg.data.batch_size, cfg.data.eval_limit, seed=cfg.data.split_seed), val,
+        device, desc, progress, Dist())
+    fp_acc = score(model.to(device), 'eval float')
+    part = cfg.model.quantize_part
+    target = model
+    if part:  # the same part on the same inputs as ptq_main.py's run (mrecg.parts)
+        images = capture_inputs(model, part, images, cfg.data.batch_size, device)
+        target = find_part(model, part)
+    prepared = prepare(target.cpu(), cfg)
     qmodel = prepared.qmodel.to(device)
     calibrate(qmodel, images, cfg.data.batch_size, device)
     fp = copy.deepcopy(qmodel)
@@ -89,17 +97,20 @@ def baseline_run(cfg, model, train, val, output: str, device, progress: bool) ->
                                       device, settings=dataclasses.replace(rec, enabled=False), seed=seed)
     probe.run(images)
     enable_quantization(quantized)
-    q_acc = evaluate(quantized, batches(), device, 'eval quantized', progress)
+    size, bits = model_figures(quantized, images[:1]), layer_bit_table(quantized)
+    if part:
+        quantized = put_part(model, part, quantized).to(device)
+    q_acc = score(quantized, 'eval quantized')
     info = GroupingInfo('none', 0, None, None, source='MQBench block extractor')
     timing = Timings(reconstruction_seconds=recon_seconds, total_seconds=time.perf_counter() - t0)
     result = QuantizationResult(quantized, 'mqbench-' + ('brecq' if rec.prob >= 1.0 else 'qdrop'),
                                 [u.name for u in prepared.units], probe.unit_losses, [], info, fp_acc, q_acc,
-                                layer_bit_table(quantized), timing, 0, prepared.bn_folded, str(device),
-                                size=model_figures(quantized, images[:1]))
+                                bits, timing, 0, prepared.bn_folded, str(device),
+                                size=size, part=part)
     summary = results_record(cfg, result)
     write_json(os.path.join(output, RESULTS), summary)
-    print(f'{summary["method"]} {cfg.model.type} W{summary["w_bits"]}A{summary["a_bits"]}: quantized top-1 '
-          f'{summary["quant_top1"]}, {timing.total_seconds:.0f} s -> {output}')
+    print(f'{summary["method"]} {cfg.model.type} W{summary["w_bits"]}A{summary["a_bits"]}: quantized '
+          f'{headline(q_acc, cfg.eval.metric)}, {timing.total_seconds:.0f} s -> {output}')
     return 0
 
 

@@ -35,7 +35,8 @@ def create_model(spec: str, kwargs: Dict[str, Any] = None) -> nn.Module:
     if not spec:
         raise UserError(f'model.type is not set: give {describe_sources()}')
     if spec.startswith('torchvision:'):
-        model = _call(_torchvision_builder(spec[len('torchvision:'):]), kwargs, spec, weights=None)
+        builder = _torchvision_builder(spec[len('torchvision:'):])
+        model = _call(builder, kwargs, spec, **_no_download(builder, kwargs, spec))
     elif spec.startswith('timm:'):
         model = _timm(spec[len('timm:'):], kwargs)
     elif is_import_path(spec):
@@ -65,6 +66,18 @@ def _call(builder, kwargs, spec, **fixed):
         raise
     except Exception as exc:
         raise UserError(f'model.type {spec}: building it raised {type(exc).__name__}: {first_line(exc)}') from None
+
+
+def _no_download(builder, kwargs: Dict[str, Any], spec: str) -> Dict[str, Any]:
+    """torchvision builders fetch pretrained weights when asked; a segmentation or detection builder also fetches
+    its backbone's by default (``weights_backbone``). Neither happens here: the weights come from model.path."""
+    for name in ('weights', 'weights_backbone'):
+        if kwargs.get(name) is not None:
+            raise UserError(f'model.kwargs.{name}: {spec} is built without downloading anything; load the weights '
+                            'with model.path (a checkpoint file) instead')
+        kwargs.pop(name, None)
+    takes = inspect.signature(builder).parameters
+    return {'weights': None, **({'weights_backbone': None} if 'weights_backbone' in takes else {})}
 
 
 def _torchvision_builder(name: str):
