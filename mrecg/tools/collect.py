@@ -118,7 +118,7 @@ def metric_of(cells) -> str:
     return found[0] if found else 'top1'
 
 
-METRIC_TITLES = {'top1': 'Top-1 accuracy (%)', 'miou': 'Mean IoU (%)'}
+METRIC_TITLES = {'top1': 'Top-1 accuracy (%)', 'miou': 'Mean IoU (%)', 'map': 'COCO mAP@[.5:.95] (%)'}
 
 
 def collect(folders):
