@@ -30,7 +30,7 @@ from mrecg.distributed import Dist, check_divisible, current
 from mrecg.errors import NotResumable, UserError
 from mrecg.evaluation import Accuracy, check_logits
 from mrecg.metrics import evaluate_task, headline
-from mrecg.parts import capture_inputs, check_traceable, find_part, put_part
+from mrecg.parts import part_and_inputs, put_part
 from mrecg.group_policy import GroupingInfo, choose_groups, validate_grouping
 from mrecg.preparation import Prepared, prepare
 from mrecg.quantization import (calibrate, disable_all, enable_quantization, is_adaround_layer, layer_bit_table,
@@ -350,9 +350,7 @@ def _part_and_inputs(run: '_Session', whole: nn.Module, images: torch.Tensor) ->
     """``model.quantize_part``: the sub-module, and its input for every calibration image (the whole network's
     forward, so its own pre-processing applies)."""
     path = run.cfg.model.quantize_part
-    check_traceable(whole, path)
-    part = find_part(whole, path)
-    inputs = capture_inputs(whole, path, images, run.cfg.data.batch_size, run.device)
+    part, inputs = part_and_inputs(whole, path, images, run.cfg.data.batch_size, run.device)
     share = sum(p.numel() for p in part.parameters()) / max(1, sum(p.numel() for p in whole.parameters()))
     log.info('quantize_part %s: %s (%.0f %% of the parameters); its inputs %s', path, type(part).__name__,
              100 * share, ' x '.join(map(str, inputs.shape)))

@@ -6,12 +6,12 @@ float. Its calibration inputs are what the part really receives: the whole netwo
 with a forward pre-hook on the part, so the network's own pre-processing (a detector's resize, normalisation
 and padding) applies. Evaluation runs the whole network with the quantized part put back in its place.
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
+from mrecg import tracing
 from mrecg.errors import UserError
 
 
@@ -75,11 +75,11 @@ def capture_inputs(model: nn.Module, path: str, images: torch.Tensor, batch_size
 
 
 def untraceable_op(part: nn.Module) -> Optional[str]:
-    """None when torch.fx traces ``part``, else the first line of the tracer's complaint."""
+    """None when torch.fx traces ``part``, else ``mrecg.tracing``'s line naming the module and the op."""
     try:
-        fx.symbolic_trace(part)
-    except Exception as exc:  # the tracer raises many kinds (TraceError, TypeError, AttributeError, ...)
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        tracing.check_traceable(part)
+    except UserError as exc:
+        return str(exc)
     return None
 
 
@@ -100,6 +100,14 @@ def check_traceable(model: nn.Module, path: str) -> None:
     if problem is None:
         return
     instead = largest_traceable(model, path)
-    raise UserError(f'model.quantize_part {path!r} does not trace with torch.fx ({problem})'
+    raise UserError(f'model.quantize_part {path!r} does not trace: {problem}'
                     + (f'; the largest sub-module that traces is {instead!r}: set model.quantize_part to it'
                        if instead else ''))
+
+
+def part_and_inputs(model: nn.Module, path: str, images: Optional[torch.Tensor], batch_size: int,
+                    device: torch.device) -> Tuple[nn.Module, Optional[torch.Tensor]]:
+    """The part (checked to trace) and what it receives for ``images`` inside ``model`` (None for None)."""
+    check_traceable(model, path)
+    inputs = capture_inputs(model, path, images, batch_size, device) if images is not None else None
+    return find_part(model, path), inputs

@@ -44,12 +44,9 @@ def plan(model: nn.Module, cfg: Config, cached_losses=None, calib_images=None) -
     allocation = None
     if cfg.model.quantize_part:  # the part's plan, its calibration inputs what it receives inside the network
         import torch
-        from mrecg.parts import capture_inputs, check_traceable, find_part
-        check_traceable(model, cfg.model.quantize_part)
-        if calib_images is not None:
-            calib_images = capture_inputs(model, cfg.model.quantize_part, calib_images, cfg.data.batch_size,
-                                          torch.device('cpu'))
-        model = find_part(model, cfg.model.quantize_part)
+        from mrecg.parts import part_and_inputs
+        model, calib_images = part_and_inputs(model, cfg.model.quantize_part, calib_images, cfg.data.batch_size,
+                                              torch.device('cpu'))
     if cfg.quantize.bit_search:
         import torch
         from mrecg.bitsearch import default_sample, search_bits, with_allocation

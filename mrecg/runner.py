@@ -230,18 +230,16 @@ def quantized_target(cfg: Config, model: nn.Module, sample: Optional[torch.Tenso
                      export: bool = False) -> Tuple[nn.Module, Optional[torch.Tensor]]:
     """What the run quantizes and one input of it: the model and an image, or (``model.quantize_part``) the
     part and what it receives for that image. A classifier must return one tensor of class scores."""
-    from mrecg.parts import capture_inputs, check_traceable, find_part
+    from mrecg.parts import part_and_inputs
     path = cfg.model.quantize_part
     if not path:
         if cfg.eval.metric == 'top1':
             check_logits(model, sample, cfg.model.type)
         return model, sample
-    check_traceable(model, path)
     if export:
         raise UserError('--export onnx of a network with a quantized part (model.quantize_part) is not built yet: '
                         'run without --export')
-    part_sample = capture_inputs(model, path, sample, 1, torch.device('cpu')) if sample is not None else None
-    return find_part(model, path), part_sample
+    return part_and_inputs(model, path, sample, 1, torch.device('cpu'))
 
 
 def run(cfg: Config, model: nn.Module, train, val, output: str, device: str, resume: bool = False,

@@ -24,7 +24,7 @@ from mrecg.errors import UserError
 from mrecg.helptext import PlainHelp
 from mrecg.locking import FolderLock
 from mrecg.metrics import evaluate_task, headline
-from mrecg.parts import capture_inputs, find_part, put_part
+from mrecg.parts import part_and_inputs, put_part
 from mrecg.planning import GroupingInfo, prepare
 from mrecg.quantization import calibrate, disable_all, enable_quantization, layer_bit_table
 from mrecg.reconstruction import Reconstructor
@@ -81,8 +81,7 @@ def baseline_run(cfg, model, train, val, output: str, device, progress: bool) ->
     part = cfg.model.quantize_part
     target = model
     if part:  # the same part on the same inputs as ptq_main.py's run (mrecg.parts)
-        images = capture_inputs(model, part, images, cfg.data.batch_size, device)
-        target = find_part(model, part)
+        target, images = part_and_inputs(model, part, images, cfg.data.batch_size, device)
     prepared = prepare(target.cpu(), cfg)
     qmodel = prepared.qmodel.to(device)
     calibrate(qmodel, images, cfg.data.batch_size, device)
